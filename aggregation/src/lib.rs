@@ -1,0 +1,1 @@
+//! Aggregation strategies (FedAvg, FedProx, SCAFFOLD, FairFed) and checkpoints.

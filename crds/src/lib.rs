@@ -1,0 +1,1 @@
+//! API types (FederatedStudy, HospitalClient, TrainingRound) and the crdgen binary.

@@ -1,0 +1,1 @@
+//! Face dataset import, splitting and loading.

@@ -1,0 +1,1 @@
+//! Group fairness metrics, FairFed weights, bias report.

@@ -1,0 +1,1 @@
+//! candle models and local training.

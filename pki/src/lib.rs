@@ -1,0 +1,1 @@
+//! mTLS certificate authority helpers (rcgen).

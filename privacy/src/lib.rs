@@ -1,0 +1,1 @@
+//! DP accountants (PLD, RDP) and the per-hospital privacy ledger.

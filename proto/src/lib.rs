@@ -1,0 +1,1 @@
+//! gRPC protocol between trainers and the aggregator.

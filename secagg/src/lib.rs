@@ -1,0 +1,1 @@
+//! Packed additive homomorphic encryption of updates on tfhe core_crypto.
