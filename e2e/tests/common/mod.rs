@@ -1,0 +1,191 @@
+//! Shared helpers of the control-plane tests. They run against the cluster that `e2e/cluster.sh up`
+//! (`make cluster-up`) started, found through `KUBECONFIG`; without it they fail, never skip.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+
+/// The kubeconfig of the test cluster. Panics (fails the test) when it is not set.
+pub fn kubeconfig() -> PathBuf {
+    match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            assert!(
+                p.is_file(),
+                "KUBECONFIG={} does not exist: start the local control plane with `make cluster-up` \
+                 (or `e2e/cluster.sh up`), or run everything with `make test`",
+                p.display()
+            );
+            p
+        }
+        None => panic!(
+            "KUBECONFIG is not set: these control-plane tests need a cluster. Run `make test`, or \
+             `export KUBECONFIG=$(make -s cluster-up)` (or `e2e/cluster.sh up`) and run them again"
+        ),
+    }
+}
+
+pub async fn client() -> Client {
+    let path = kubeconfig();
+    let kc = Kubeconfig::read_from(&path).expect("reading KUBECONFIG");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("loading KUBECONFIG");
+    Client::try_from(cfg).expect("building a client")
+}
+
+/// The repository root (the parent of `e2e/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e has a parent")
+        .to_path_buf()
+}
+
+/// kubectl of the same version as the cluster: `$KUBECTL`, the one `cluster.sh` linked next to the
+/// kubeconfig, or the cached build.
+pub fn kubectl_path() -> PathBuf {
+    if let Some(k) = std::env::var_os("KUBECTL").filter(|v| !v.is_empty()) {
+        return PathBuf::from(k);
+    }
+    let kc = kubeconfig();
+    let beside = kc.parent().map(|d| d.join("bin/kubectl"));
+    if let Some(b) = beside.filter(|b| b.exists()) {
+        return b;
+    }
+    let out = Command::new(repo_root().join("e2e/controlplane/build.sh"))
+        .output()
+        .expect("running e2e/controlplane/build.sh");
+    assert!(
+        out.status.success(),
+        "build.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("kubectl")
+}
+
+/// Runs kubectl against the test cluster.
+pub fn kubectl(args: &[&str]) -> Output {
+    Command::new(kubectl_path())
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(args)
+        .output()
+        .expect("running kubectl")
+}
+
+/// Runs kubectl and fails the test unless it succeeds; returns stdout.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(
+        out.status.success(),
+        "kubectl {} failed:\nstdout: {}\nstderr: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The state dir of the cluster (where cluster.sh keeps logs and localnode keeps pod dirs).
+pub fn cluster_dir() -> PathBuf {
+    kubeconfig()
+        .parent()
+        .expect("the kubeconfig has a parent dir")
+        .to_path_buf()
+}
+
+/// A name that does not collide with earlier or parallel runs.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{:x}{:x}", std::process::id() % 4096, nanos % 65536)
+}
+
+/// Polls `f` until it returns `Some`, or fails the test after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A namespace for one test, deleted when the guard drops (also when the test panics).
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let name = unique(prefix);
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"caduceus.dev/e2e": "true"}},
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("creating the test namespace");
+        // Pods are rejected until the ServiceAccount controller has made `default`.
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for("the default ServiceAccount", Duration::from_secs(30), || {
+            let sas = sas.clone();
+            async move { sas.get_opt("default").await.ok().flatten() }
+        })
+        .await;
+        Self { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Synchronous, so that it also runs during a panic; the namespace controller does the rest.
+        let _ = Command::new(kubectl_path())
+            .arg("--kubeconfig")
+            .arg(kubeconfig())
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .output();
+    }
+}
+
+/// Deletes a namespace and waits until it is gone.
+pub async fn delete_namespace_and_wait(client: &Client, name: &str, timeout: Duration) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    wait_for(&format!("namespace {name} to be deleted"), timeout, || {
+        let api = api.clone();
+        async move {
+            match api.get_opt(name).await {
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+}
