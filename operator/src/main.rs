@@ -12,5 +12,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::bail!("the operator's controllers are not built yet (metrics address {})", args.metrics_addr)
+    anyhow::bail!(
+        "the operator's controllers are not built yet (metrics address {})",
+        args.metrics_addr
+    )
 }
