@@ -6,6 +6,10 @@
 //! the API server enforces lives next to the fields as CEL rules (`#[x_kube(validation = …)]`) and schema
 //! attributes, so a rejected resource names the field and the rule.
 
+// kube-derive's `printcolumn(...)`/`shortname` attributes repeat keys such as `type_` by design; clippy's
+// duplicated_attributes lint misreads them as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod conditions;
 pub mod hospital;
 pub mod round;
