@@ -1,1 +1,40 @@
-//! candle models and local training.
+//! candle models and local training for Caduceus (CPU).
+//!
+//! - [`Arch`]: the architectures by name — `small-cnn`, `resnet8`, `mobilenet` (see each
+//!   variant for the layers). Normalisation is GroupNorm, not BatchNorm: BatchNorm's running
+//!   statistics are buffers, not trained parameters; they do not average meaningfully across
+//!   hospitals with different populations (FedAvg of means and variances of skewed shards), they
+//!   leak per-hospital statistics outside DP-SGD's clipping, and per-example gradients (DP-SGD)
+//!   are ill-defined with batch statistics. GroupNorm has none of these problems, and every
+//!   parameter the aggregator sees is a trained weight.
+//! - [`Model`]: build from (arch, classes, seed); [`Model::flatten`] / [`Model::load_flat`] in a
+//!   fixed, documented parameter order; safetensors out and in with the arch in the metadata,
+//!   refusing tensors that do not match.
+//! - [`train_local`] with [`TrainConfig`] (epochs and/or max steps, batch, [`Optimizer`]: AdamW
+//!   by default, or SGD with momentum) and a [`ClientStrategy`]: FedAvg, FedProx (mu) or SCAFFOLD
+//!   (control variates). Returns a [`TrainOutcome`].
+//! - [`evaluate`] / [`predict`] / [`accuracy`]: batched, no gradient graph.
+//!
+//! Input: the `f32` NCHW batches of [`caduceus_dataset::ImageSet`] (3×64×64 for UTKFace).
+//! Convolutions run as im2col + GEMM with a col2im backward ([`conv2d`]) instead of candle's
+//! `conv2d`, whose backward uses a slow direct `conv_transpose2d`; [`set_conv_impl`] switches
+//! back for comparison (`--conv candle` in the throughput example). Depthwise convolutions have
+//! their own kernel. Both are tested against candle's reference ops, gradients included.
+//!
+//! Threads: candle's CPU kernels use rayon's global pool (all cores, or `RAYON_NUM_THREADS`).
+mod arch;
+mod conv;
+mod depthwise;
+mod error;
+mod model;
+mod train;
+
+pub use arch::{Arch, Mode, ParamSpec};
+pub use conv::{ConvImpl, conv_impl, conv2d, set_conv_impl};
+pub use depthwise::depthwise_conv;
+pub use error::{ModelError, Result};
+pub use model::{META_ARCH, META_CLASSES, META_FORMAT, Model};
+pub use train::{
+    ClientStrategy, ControlUpdate, Evaluation, Optimizer, TrainConfig, TrainOutcome, accuracy, evaluate,
+    predict, scaffold_control, train_local,
+};
