@@ -1,0 +1,186 @@
+//! `caduceus simulate` end to end on a few hundred real images: the federated mode through the real
+//! aggregator and trainer binaries, the centralised mode, and the results directory that
+//! `caduceus report` reads. Also its refusals (missing binaries, a results directory in use).
+//!
+//! Data: `$CADUCEUS_DATA_DIR/utkface-64`, else `../shared/data/utkface-64` next to the repository.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use caduceus_fairness::StudyResults;
+
+fn data_dir() -> PathBuf {
+    caduceus_dataset::data_dir()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+}
+
+fn caduceus() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_caduceus"));
+    c.arg("simulate").arg("--data-dir").arg(data_dir());
+    c
+}
+
+/// The aggregator and trainer binaries next to `caduceus`, built there if missing (`cargo test -p
+/// caduceus` does not build other packages' binaries).
+fn ensure_bins() {
+    let dir = Path::new(env!("CARGO_BIN_EXE_caduceus"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let missing = ["caduceus-aggregator", "caduceus-trainer"]
+        .iter()
+        .any(|b| !dir.join(format!("{b}{}", std::env::consts::EXE_SUFFIX)).is_file());
+    if missing {
+        let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+        cmd.args(["build", "-p", "caduceus-aggregator", "-p", "caduceus-trainer"])
+            .env("CARGO_TARGET_DIR", dir.parent().unwrap())
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "building the binaries failed");
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn missing_binaries_are_named() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = caduceus()
+        .arg("--results")
+        .arg(empty.path().join("r"))
+        .env("CADUCEUS_BIN_DIR", empty.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("caduceus-aggregator") && err.contains("CADUCEUS_BIN_DIR"),
+        "{err}"
+    );
+    assert!(
+        !empty.path().join("r").exists(),
+        "nothing is written before the check"
+    );
+}
+
+#[test]
+fn results_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keep.txt"), "x").unwrap();
+    let out = caduceus()
+        .arg("--centralised")
+        .arg("--results")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--overwrite"),
+        "{}",
+        text(&out)
+    );
+    assert!(dir.path().join("keep.txt").exists());
+}
+
+fn check_results(dir: &Path, rounds: u32, participants: usize) -> StudyResults {
+    let r = StudyResults::load(dir).expect("results directory readable by caduceus report");
+    assert_eq!(r.rounds.len() as u32, rounds + 1, "records 0..=R");
+    for (i, rec) in r.rounds.iter().enumerate() {
+        assert_eq!(rec.round, i as u32);
+        assert_eq!(rec.participants.len(), participants);
+        assert!(rec.accuracy.is_some_and(|a| (0.0..=1.0).contains(&a)));
+        assert!(
+            rec.counts.attribute("race").is_some(),
+            "per-race counts in round {i}"
+        );
+    }
+    let last = r.rounds.last().unwrap();
+    assert!(last.test_accuracy.is_some_and(|a| a > 0.0), "final test accuracy");
+    assert_eq!(r.group_labels().unwrap()["race"]["0"], "White");
+    assert!(dir.join("final-model.safetensors").is_file());
+    let model = caduceus_models::Model::load(dir.join("final-model.safetensors")).unwrap();
+    assert_eq!(model.arch().name(), "small-cnn");
+    r
+}
+
+#[test]
+fn federated_and_centralised_runs_write_results() {
+    ensure_bins();
+    let dir = tempfile::tempdir().unwrap();
+    let fed = dir.path().join("fed");
+    let common = |c: &mut Command| {
+        c.args([
+            "--limit",
+            "300",
+            "--hospitals",
+            "2",
+            "--rounds",
+            "1",
+            "--seed",
+            "3",
+        ])
+        .args(["--split", "dirichlet", "--alpha", "1.0", "--batch-size", "32"])
+        .args(["--local-steps", "3"]);
+    };
+    let mut c = caduceus();
+    common(&mut c);
+    let out = c.arg("--results").arg(&fed).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("initial model") && stdout.contains("per race"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("held-out test set"), "{stdout}");
+    let r = check_results(&fed, 1, 2);
+    assert_eq!(r.config["mode"], "federated");
+    assert_eq!(r.config["strategy"], "fedavg");
+    let agg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fed.join("work/aggregator-summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(agg["status"], "succeeded");
+    // The step cap reaches the trainers.
+    for h in ["hospital-0", "hospital-1"] {
+        let s: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fed.join(format!("work/{h}-summary.json"))).unwrap(),
+        )
+        .unwrap();
+        let trained: Vec<u64> = s["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["evaluation_only"] == false)
+            .map(|r| r["local_steps"].as_u64().unwrap())
+            .collect();
+        assert!(
+            !trained.is_empty() && trained.iter().all(|&n| (1..=3).contains(&n)),
+            "{h}: {s}"
+        );
+    }
+
+    let cen = dir.path().join("cen");
+    let mut c = caduceus();
+    common(&mut c);
+    let out = c
+        .arg("--centralised")
+        .arg("--results")
+        .arg(&cen)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let r = check_results(&cen, 1, 1);
+    assert_eq!(r.config["mode"], "centralised");
+    // Same split: both runs evaluate on the same held-out test set.
+    assert_eq!(
+        r.config["split"]["test"],
+        check_results(&fed, 1, 2).config["split"]["test"]
+    );
+}
