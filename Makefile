@@ -92,6 +92,8 @@ bench: ## Benchmarks, each reported as a ratio against a baseline measured in th
 	RAYON_NUM_THREADS=1 $(CARGO) run -q -p caduceus-secagg --example he_bench -- --values 1000000 --hospitals 10 --reps 2
 	@echo "== Exact discrete-Gaussian DP noise"
 	$(CARGO) run -q -p caduceus-privacy --example noise_bench -- 1000000
+	@echo "== DP-SGD step vs a non-private step of the same model and batch (same run)"
+	$(CARGO) run -q -p caduceus-models --example dp_overhead -- --batch 64 --reps 5
 
 .PHONY: clean
 clean:

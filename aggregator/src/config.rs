@@ -74,6 +74,11 @@ pub struct AggregatorArgs {
     /// Close a round as soon as this many updates are in (default: all hospitals).
     #[arg(long, env = "CADUCEUS_QUORUM_MAX")]
     pub quorum_max: Option<u32>,
+    /// Hospitals that leave after a given round, `hospital=round,...` (e.g. when their next round
+    /// would exceed their privacy budget): later rounds close without waiting for them (the quorums
+    /// shrink to the hospitals still taking part).
+    #[arg(long, env = "CADUCEUS_HOSPITAL_LAST_ROUND", value_delimiter = ',')]
+    pub hospital_last_round: Vec<String>,
     /// Per-round deadline in seconds, counted from the moment the round opens.
     #[arg(long, env = "CADUCEUS_ROUND_DEADLINE_SECS", default_value_t = 600)]
     pub round_deadline_secs: u64,
@@ -131,6 +136,8 @@ pub struct StudyConfig {
     pub hospitals: BTreeSet<String>,
     pub quorum_min: u32,
     pub quorum_max: u32,
+    /// Last round of hospitals that leave early (see `--hospital-last-round`).
+    pub last_rounds: std::collections::BTreeMap<String, u32>,
     pub round_deadline: Duration,
     pub arch: Arch,
     pub num_classes: usize,
@@ -190,6 +197,20 @@ impl AggregatorArgs {
         if quorum_min == 0 || quorum_min > quorum_max {
             bail!("--quorum-min must be between 1 and --quorum-max ({quorum_max}), got {quorum_min}");
         }
+        let mut last_rounds = std::collections::BTreeMap::new();
+        for item in &self.hospital_last_round {
+            let Some((h, r)) = item.split_once('=') else {
+                bail!("--hospital-last-round: expected hospital=round, got {item:?}");
+            };
+            let (h, r) = (h.trim(), r.trim());
+            if !hospitals.contains(h) {
+                bail!("--hospital-last-round: {h} is not an expected hospital");
+            }
+            let r: u32 = r
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--hospital-last-round: {r:?} is not a round number"))?;
+            last_rounds.insert(h.to_string(), r);
+        }
         if self.round_deadline_secs == 0 {
             bail!("--round-deadline-secs must be positive");
         }
@@ -227,6 +248,7 @@ impl AggregatorArgs {
             hospitals,
             quorum_min,
             quorum_max,
+            last_rounds,
             round_deadline: Duration::from_secs(self.round_deadline_secs),
             arch,
             num_classes: self.num_classes,
@@ -235,5 +257,23 @@ impl AggregatorArgs {
             model_store: self.model_store.clone(),
             final_evaluation: self.final_evaluation,
         })
+    }
+}
+
+impl StudyConfig {
+    /// Hospitals still taking part in `round` (those without a last round before it).
+    pub fn active_hospitals(&self, round: u32) -> u32 {
+        self.hospitals
+            .iter()
+            .filter(|h| self.last_rounds.get(*h).is_none_or(|&last| last >= round))
+            .count() as u32
+    }
+
+    /// (quorum_min, quorum_max) of `round`: the configured quorums, capped by the hospitals still
+    /// taking part (at least 1).
+    pub fn quorums(&self, round: u32) -> (u32, u32) {
+        let active = self.active_hospitals(round).max(1);
+        let max = self.quorum_max.min(active);
+        (self.quorum_min.min(max), max)
     }
 }

@@ -364,8 +364,8 @@ impl Study {
             total_rounds: self.cfg.rounds,
             phase: st.phase.to_proto() as i32,
             received_from: st.received.keys().cloned().collect(),
-            quorum_min: self.cfg.quorum_min,
-            quorum_max: self.cfg.quorum_max,
+            quorum_min: self.cfg.quorums(st.round).0,
+            quorum_max: self.cfg.quorums(st.round).1,
             deadline_in_ms: st.deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
             message: match &st.phase {
                 Phase::Failed(m) => m.clone(),
@@ -391,10 +391,11 @@ impl Study {
                     _ => {}
                 }
                 let n = st.received.len() as u32;
-                if n >= self.cfg.quorum_max {
+                let (quorum_min, quorum_max) = self.cfg.quorums(st.round);
+                if n >= quorum_max {
                     Some(true)
                 } else if Instant::now() >= st.deadline {
-                    Some(n >= self.cfg.quorum_min)
+                    Some(n >= quorum_min)
                 } else {
                     None
                 }
@@ -808,10 +809,11 @@ impl FederationService {
                     st.round
                 )));
             }
-            if st.received.len() as u32 >= study.cfg.quorum_max {
+            if st.received.len() as u32 >= study.cfg.quorums(st.round).1 {
                 return Err(Status::failed_precondition(format!(
                     "round {} already has its {} updates",
-                    st.round, study.cfg.quorum_max
+                    st.round,
+                    study.cfg.quorums(st.round).1
                 )));
             }
             st.in_flight.insert(hospital.clone());
@@ -908,10 +910,10 @@ impl FederationService {
                     "round {round} closed while the update was uploading"
                 )));
             }
-            if st.received.len() as u32 >= study.cfg.quorum_max {
+            if st.received.len() as u32 >= study.cfg.quorums(round).1 {
                 return Err(Status::failed_precondition(format!(
                     "round {round} already has its {} updates",
-                    study.cfg.quorum_max
+                    study.cfg.quorums(round).1
                 )));
             }
             st.received.insert(hospital.clone(), received);

@@ -7,6 +7,7 @@ mod fairness;
 mod privacy;
 mod report;
 mod simulate;
+mod simulate_dp;
 
 /// Caduceus: federated learning across hospitals, without moving patient images.
 #[derive(Parser, Debug)]
@@ -29,7 +30,7 @@ enum Command {
     /// Render a study's results as one self-contained HTML bias report.
     Report(report::ReportArgs),
     /// Run a whole federated study on this machine: one aggregator and N trainer processes over mTLS.
-    Simulate(simulate::SimulateArgs),
+    Simulate(Box<simulate::SimulateArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,7 +40,7 @@ fn main() -> std::process::ExitCode {
         Command::Privacy(c) => privacy::run(c),
         Command::Fairness(a) => fairness::run(a),
         Command::Report(a) => report::run(a),
-        Command::Simulate(a) => simulate::run(a),
+        Command::Simulate(a) => simulate::run(*a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

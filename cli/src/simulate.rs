@@ -140,6 +140,9 @@ pub struct SimulateArgs {
     /// Study identifier.
     #[arg(long, default_value = "simulate")]
     pub study_id: String,
+    /// DP-SGD and per-hospital privacy budgets.
+    #[command(flatten)]
+    pub dp: crate::simulate_dp::DpSimArgs,
 }
 
 impl SimulateArgs {
@@ -393,6 +396,10 @@ fn validate(args: &SimulateArgs) -> anyhow::Result<Arch> {
             "note: SCAFFOLD's control-variate update assumes plain SGD; with --optimizer adamw it is an approximation"
         );
     }
+    args.dp.validate(args.hospitals)?;
+    if args.dp.enabled() && args.centralised {
+        bail!("--dp-* options apply to the federated study, not to --centralised");
+    }
     if args.task == args.split_attribute && args.split == SchemeKind::Dirichlet {
         eprintln!("note: the split skews over the task's own label ({})", args.task);
     }
@@ -634,7 +641,8 @@ fn run_federated(
         &["localhost".to_string()],
         &["127.0.0.1".parse().expect("loopback address")],
     )?;
-    let config = config_json(args, prepared, "federated");
+    let mut config = config_json(args, prepared, "federated");
+    let mut dp_plan = crate::simulate_dp::plan_for(args, prepared.split_dir.as_path(), &mut config)?;
     std::fs::write(
         args.results.join(CONFIG_FILE),
         serde_json::to_vec_pretty(&config)?,
@@ -683,6 +691,9 @@ fn run_federated(
         .arg("3");
     if let Some(q) = args.quorum_min {
         agg.arg("--quorum-min").arg(q.to_string());
+    }
+    if let Some(plan) = &dp_plan {
+        agg.args(plan.aggregator_args());
     }
     let mut children = Children(Vec::new());
     let mut agg_child = spawn_logged("the aggregator", agg, &logs.join("aggregator.log"), true)?;
@@ -767,6 +778,9 @@ fn run_federated(
         if let Some(s) = args.steps_cap() {
             t.arg("--local-steps").arg(s.to_string());
         }
+        if let Some(plan) = &dp_plan {
+            t.args(plan.trainer_args(i));
+        }
         let child = spawn_logged(name, t, &logs.join(format!("{name}.log")), false)?;
         children.0.push((name.clone(), child));
     }
@@ -796,6 +810,9 @@ fn run_federated(
                         r.extra.insert("round_seconds".into(), serde_json::json!(s));
                     }
                     print_round(&r, args.rounds, secs);
+                    if let Some(plan) = &mut dp_plan {
+                        println!("{}", plan.record_round(&mut r)?);
+                    }
                     rounds.push(r);
                     write_rounds(&args.results, &rounds)?;
                 }
@@ -833,9 +850,12 @@ fn run_federated(
             while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                     && v["event"] == "round_closed"
-                    && let Ok(r) = serde_json::from_value::<RoundResult>(v["result"].clone())
+                    && let Ok(mut r) = serde_json::from_value::<RoundResult>(v["result"].clone())
                 {
                     print_round(&r, args.rounds, v["round_seconds"].as_f64());
+                    if let Some(plan) = &mut dp_plan {
+                        println!("{}", plan.record_round(&mut r)?);
+                    }
                     rounds.push(r);
                 }
             }

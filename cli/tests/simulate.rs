@@ -184,3 +184,86 @@ fn federated_and_centralised_runs_write_results() {
         check_results(&fed, 1, 2).config["split"]["test"]
     );
 }
+
+/// DP-SGD through the real binaries: the trainers report their spending, the runner prints and
+/// records ε per hospital per round, and a hospital whose next round would exceed its budget stops
+/// taking part (the others go on, and rounds do not wait for it).
+#[test]
+fn dp_run_records_epsilon_per_hospital_and_stops_a_hospital_at_its_budget() {
+    ensure_bins();
+    let dir = tempfile::tempdir().unwrap();
+    let res = dir.path().join("dp");
+    // iid split of 300 images: ~108 training images per hospital, q = 32/108 ≈ 0.3, 2 steps per
+    // round. At σ = 1.5 one round costs ε ≈ 1.9 and two ≈ 2.5 (δ = 1e-5), so a budget of 2.2 lets
+    // hospital-1 train one or two of the three rounds (q between 0.25 and 0.35).
+    let out = caduceus()
+        .args([
+            "--limit",
+            "300",
+            "--hospitals",
+            "2",
+            "--rounds",
+            "3",
+            "--seed",
+            "3",
+        ])
+        .args(["--split", "iid", "--batch-size", "32", "--local-steps", "2"])
+        .args(["--dp-noise-multiplier", "1.5", "--dp-clip-norm", "1.0"])
+        .args(["--hospital-budget", "hospital-1=2.2"])
+        .arg("--results")
+        .arg(&res)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("DP-SGD: σ=1.5") && stdout.contains("ε spent"),
+        "{stdout}"
+    );
+    let r = StudyResults::load(&res).unwrap();
+    let plan = &r.config["dp"]["hospitals"];
+    assert!(plan[0]["last_round"].is_null());
+    let last = plan[1]["last_round"].as_u64().expect("hospital-1 leaves early") as u32;
+    assert!(last < 2, "{plan}");
+    assert_eq!(r.rounds.len(), 4, "records 0..=3");
+    for rec in &r.rounds {
+        assert_eq!(rec.delta, Some(1e-5));
+        let e1 = rec.epsilon["hospital-1"];
+        assert!(e1 <= 2.2, "round {}: hospital-1 spent {e1}", rec.round);
+        let has1 = rec.participants.iter().any(|p| p == "hospital-1");
+        assert_eq!(
+            has1,
+            rec.round <= last,
+            "round {}: {:?}",
+            rec.round,
+            rec.participants
+        );
+        if rec.round < 3 {
+            // What the trainers reported for this training round.
+            let p = &rec.extra["hospitals"]["hospital-0"]["privacy"];
+            assert_eq!(p["steps"], 2);
+            assert_eq!(p["noise_multiplier"], 1.5);
+            assert_eq!(
+                p["sample_rate"].as_f64(),
+                plan[0]["sample_rate"].as_f64(),
+                "the sample rate used is the planned one"
+            );
+        }
+    }
+    let fin = r.rounds.last().unwrap();
+    assert!(fin.epsilon["hospital-0"] > fin.epsilon["hospital-1"]);
+    assert!(r.rounds[1].epsilon["hospital-0"] > 0.0);
+    // The trainer left on its own terms and says so; its ledger is on disk.
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(res.join("work/hospital-1-summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(s["status"], "succeeded", "{s}");
+    let rounds = s["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len() as u32, last + 1, "{s}");
+    assert!(
+        rounds
+            .iter()
+            .all(|x| x["privacy"]["epsilon_spent"].as_f64().unwrap() <= 2.2)
+    );
+    assert!(res.join("work/state/hospital-1/privacy-ledger.json").is_file());
+}

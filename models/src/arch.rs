@@ -161,12 +161,16 @@ pub enum Mode {
     Train,
     /// Weights are detached: no graph is kept (evaluation, prediction).
     Eval,
+    /// DP-SGD (crate::dpsgd): weights are detached, and every parameterised layer records its
+    /// input and taps its output on the active DP tape, so that one backward pass yields the
+    /// per-example gradients of every layer. Only inside `dpsgd`'s tape.
+    Dp,
 }
 
 fn weight(v: &Var, mode: Mode) -> Tensor {
     match mode {
         Mode::Train => v.as_tensor().clone(),
-        Mode::Eval => v.as_tensor().detach(),
+        Mode::Eval | Mode::Dp => v.as_tensor().detach(),
     }
 }
 
@@ -180,6 +184,9 @@ pub(crate) struct Conv {
 
 impl Conv {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Dp {
+            return self.forward_dp(x);
+        }
         let w = weight(&self.w, mode);
         let y = if self.groups > 1 && self.groups == x.dim(1)? {
             crate::depthwise::depthwise_conv(x, &w, self.stride, self.padding)?
@@ -191,6 +198,39 @@ impl Conv {
         let c = self.b.dim(0)?;
         Ok(y.broadcast_add(&weight(&self.b, mode).reshape((1, c, 1, 1))?)?)
     }
+
+    /// The DP forward: im2col (or the depthwise kernel) whatever `set_conv_impl` says, with the
+    /// layer's input recorded and its output tapped.
+    fn forward_dp(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.w.as_tensor().detach();
+        let c = self.b.dim(0)?;
+        let b = self.b.as_tensor().detach().reshape((1, c, 1, 1))?;
+        let k = w.dim(2)?;
+        if self.groups > 1 && self.groups == x.dim(1)? {
+            let y = crate::depthwise::depthwise_conv(x, &w, self.stride, self.padding)?.broadcast_add(&b)?;
+            let input = crate::dpsgd::LayerInput::Depthwise {
+                x: x.detach(),
+                k,
+                stride: self.stride,
+                padding: self.padding,
+            };
+            crate::dpsgd::tap(y, input, &self.w, &self.b)
+        } else if self.groups == 1 {
+            let (y, cols) = crate::conv::conv2d_with_cols(x, &w, self.stride, self.padding)?;
+            let y = y.broadcast_add(&b)?;
+            crate::dpsgd::tap(
+                y,
+                crate::dpsgd::LayerInput::Conv { cols: cols.detach() },
+                &self.w,
+                &self.b,
+            )
+        } else {
+            Err(crate::error::ModelError::Config(format!(
+                "DP-SGD does not support grouped convolutions with {} groups",
+                self.groups
+            )))
+        }
+    }
 }
 
 pub(crate) struct Linear {
@@ -201,7 +241,16 @@ pub(crate) struct Linear {
 impl Linear {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let y = x.matmul(&weight(&self.w, mode).t()?)?;
-        Ok(y.broadcast_add(&weight(&self.b, mode))?)
+        let y = y.broadcast_add(&weight(&self.b, mode))?;
+        if mode == Mode::Dp {
+            return crate::dpsgd::tap(
+                y,
+                crate::dpsgd::LayerInput::Linear { x: x.detach() },
+                &self.w,
+                &self.b,
+            );
+        }
+        Ok(y)
     }
 }
 
@@ -225,7 +274,14 @@ impl GroupNorm {
             .reshape((n, c, h, w))?;
         let gamma = weight(&self.gamma, mode).reshape((1, c, 1, 1))?;
         let beta = weight(&self.beta, mode).reshape((1, c, 1, 1))?;
-        Ok(normed.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
+        let y = normed.broadcast_mul(&gamma)?.broadcast_add(&beta)?;
+        if mode == Mode::Dp {
+            let input = crate::dpsgd::LayerInput::GroupNorm {
+                normed: normed.detach(),
+            };
+            return crate::dpsgd::tap(y, input, &self.gamma, &self.beta);
+        }
+        Ok(y)
     }
 }
 

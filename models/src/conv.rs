@@ -42,6 +42,17 @@ pub fn conv_impl() -> ConvImpl {
 /// `x (N, C, H, W)` convolved with `w (O, C, kh, kw)` (no groups, no dilation), with zero
 /// padding and stride as given: `(N, O, Ho, Wo)`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    Ok(conv2d_with_cols(x, w, stride, padding)?.0)
+}
+
+/// [`conv2d`], also returning the im2col matrix `cols (C·kh·kw, N·Ho·Wo)` (DP-SGD computes
+/// per-example weight gradients from it, see `dpsgd`).
+pub(crate) fn conv2d_with_cols(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<(Tensor, Tensor)> {
     let (n, _, h, wd) = x.dims4()?;
     let (o, c, kh, kw) = w.dims4()?;
     let op = Im2Col {
@@ -53,7 +64,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     let (ho, wo) = op.out_hw(h, wd)?;
     let cols = x.contiguous()?.apply_op1(op)?;
     let y = w.reshape((o, c * kh * kw))?.matmul(&cols)?; // (O, N·Ho·Wo)
-    Ok(y.reshape((o, n, ho, wo))?.transpose(0, 1)?)
+    Ok((y.reshape((o, n, ho, wo))?.transpose(0, 1)?, cols))
 }
 
 /// Unfolds `(N, C, H, W)` into `(C·kh·kw, N·Ho·Wo)`: row `(c, ky, kx)`, column `(n, oy, ox)`.

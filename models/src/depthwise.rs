@@ -16,6 +16,51 @@ pub fn depthwise_conv(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> 
     Ok(x.apply_op2(&w, Depthwise { stride, padding })?)
 }
 
+/// Per-example kernel gradients of [`depthwise_conv`] for DP-SGD: `x (N, C, H, W)` and the
+/// gradient of the output `g (N, C, Ho, Wo)` give `(N, C, k, k)`, where entry `n` is the kernel
+/// gradient of example `n` alone (the same sums as the backward pass, not reduced over `n`).
+pub(crate) fn per_example_kernel_grads(
+    x: &Tensor,
+    g: &Tensor,
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let op = Depthwise { stride, padding };
+    let (n, c, _, _) = x.dims4()?;
+    let d = op.dims(x.dims(), &[c, 1, k, k])?;
+    if g.dims() != [d.n, d.c, d.ho, d.wo] {
+        return Err(crate::error::ModelError::Config(format!(
+            "depthwise per-example gradients: output gradient {:?} does not fit input {:?}",
+            g.dims(),
+            x.dims()
+        )));
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let gs = g.flatten_all()?.to_vec1::<f32>()?;
+    let (plane_in, plane_out, kk) = (d.h * d.w, d.ho * d.wo, k * k);
+    let mut out = vec![0f32; n * c * kk];
+    out.par_chunks_mut(kk).enumerate().for_each(|(nc, gw)| {
+        let src = &xs[nc * plane_in..(nc + 1) * plane_in];
+        let gp = &gs[nc * plane_out..(nc + 1) * plane_out];
+        for oy in 0..d.ho {
+            for ky in 0..k {
+                let Some(iy) = op.src(oy, ky, d.h) else { continue };
+                for kx in 0..k {
+                    let mut acc = 0f32;
+                    for ox in 0..d.wo {
+                        if let Some(ix) = op.src(ox, kx, d.w) {
+                            acc += gp[oy * d.wo + ox] * src[iy * d.w + ix];
+                        }
+                    }
+                    gw[ky * k + kx] += acc;
+                }
+            }
+        }
+    });
+    Ok(Tensor::from_vec(out, (n, c, k, k), x.device())?)
+}
+
 #[derive(Clone, Copy)]
 struct Depthwise {
     stride: usize,

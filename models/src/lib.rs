@@ -13,6 +13,8 @@
 //! - [`train_local`] with [`TrainConfig`] (epochs and/or max steps, batch, [`Optimizer`]: AdamW
 //!   by default, or SGD with momentum) and a [`ClientStrategy`]: FedAvg, FedProx (mu) or SCAFFOLD
 //!   (control variates). Returns a [`TrainOutcome`].
+//! - [`train_local_dp`] with a [`DpConfig`]: the same with DP-SGD (per-example clipping without
+//!   per-example backward passes, Poisson sampling, exact discrete Gaussian noise); see [`dpsgd`].
 //! - [`evaluate`] / [`predict`] / [`accuracy`]: batched, no gradient graph.
 //!
 //! Input: the `f32` NCHW batches of [`caduceus_dataset::ImageSet`] (3×64×64 for UTKFace).
@@ -25,6 +27,7 @@
 mod arch;
 mod conv;
 mod depthwise;
+pub mod dpsgd;
 mod error;
 mod model;
 mod train;
@@ -32,6 +35,7 @@ mod train;
 pub use arch::{Arch, Mode, ParamSpec};
 pub use conv::{ConvImpl, conv_impl, conv2d, set_conv_impl};
 pub use depthwise::depthwise_conv;
+pub use dpsgd::{DpConfig, DpSpend, train_local_dp};
 pub use error::{ModelError, Result};
 pub use model::{META_ARCH, META_CLASSES, META_FORMAT, Model};
 pub use train::{

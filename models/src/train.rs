@@ -147,6 +147,8 @@ pub struct TrainOutcome {
     pub control: Option<ControlUpdate>,
     /// Wall time of training.
     pub seconds: f64,
+    /// DP-SGD only ([`crate::train_local_dp`]): what the run spent.
+    pub privacy: Option<crate::dpsgd::DpSpend>,
 }
 
 impl TrainOutcome {
@@ -156,7 +158,7 @@ impl TrainOutcome {
     }
 }
 
-fn check_data(model: &Model, data: &ImageSet) -> Result<()> {
+pub(crate) fn check_data(model: &Model, data: &ImageSet) -> Result<()> {
     if data.is_empty() {
         return Err(ModelError::Config("the dataset is empty".into()));
     }
@@ -177,7 +179,7 @@ fn check_data(model: &Model, data: &ImageSet) -> Result<()> {
     Ok(())
 }
 
-fn batch_tensors(data: &ImageSet, images: &[f32], labels: &[u32]) -> Result<(Tensor, Tensor)> {
+pub(crate) fn batch_tensors(data: &ImageSet, images: &[f32], labels: &[u32]) -> Result<(Tensor, Tensor)> {
     let n = labels.len();
     let x = Tensor::from_slice(images, (n, 3, data.height, data.width), &Device::Cpu)?;
     let y = Tensor::from_slice(labels, n, &Device::Cpu)?;
@@ -323,7 +325,83 @@ pub fn train_local(
         params: w,
         control,
         seconds: start.elapsed().as_secs_f64(),
+        privacy: None,
     })
+}
+
+/// SCAFFOLD's `c − c_i` (checked against the parameter count), `None` for other strategies.
+pub(crate) fn strategy_correction(strategy: ClientStrategy<'_>, p: usize) -> Result<Option<Vec<f32>>> {
+    match strategy {
+        ClientStrategy::Scaffold {
+            global_control,
+            local_control,
+        } => {
+            if global_control.len() != p || local_control.len() != p {
+                return Err(ModelError::Config(format!(
+                    "SCAFFOLD control variates have {} and {} values, the model {p}",
+                    global_control.len(),
+                    local_control.len()
+                )));
+            }
+            Ok(Some(
+                global_control
+                    .iter()
+                    .zip(local_control)
+                    .map(|(c, ci)| c - ci)
+                    .collect(),
+            ))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Adds FedProx's proximal gradient or SCAFFOLD's correction to `grad`.
+pub(crate) fn apply_strategy(
+    strategy: ClientStrategy<'_>,
+    correction: Option<&[f32]>,
+    grad: &mut [f32],
+    w: &[f32],
+    w_global: &[f32],
+) {
+    match strategy {
+        ClientStrategy::FedAvg => {}
+        ClientStrategy::FedProx { mu } => {
+            for ((g, wi), wg) in grad.iter_mut().zip(w).zip(w_global) {
+                *g += mu * (wi - wg);
+            }
+        }
+        ClientStrategy::Scaffold { .. } => {
+            if let Some(corr) = correction {
+                for (g, c) in grad.iter_mut().zip(corr) {
+                    *g += c;
+                }
+            }
+        }
+    }
+}
+
+/// SCAFFOLD's control update after `steps` local steps, `None` for other strategies.
+pub(crate) fn scaffold_outcome(
+    strategy: ClientStrategy<'_>,
+    w_global: &[f32],
+    w: &[f32],
+    steps: usize,
+    lr: f32,
+) -> Option<ControlUpdate> {
+    match strategy {
+        ClientStrategy::Scaffold {
+            global_control,
+            local_control,
+        } => Some(scaffold_control(
+            local_control,
+            global_control,
+            w_global,
+            w,
+            steps,
+            lr,
+        )),
+        _ => None,
+    }
 }
 
 /// SCAFFOLD option II: `c_i⁺ = c_i − c + (w_global − w_local)/(K·lr)`, and `c_i⁺ − c_i`.
@@ -354,7 +432,7 @@ pub fn scaffold_control(
     }
 }
 
-fn write_params(model: &Model, w: &[f32]) -> Result<()> {
+pub(crate) fn write_params(model: &Model, w: &[f32]) -> Result<()> {
     let mut offset = 0;
     for (spec, var) in model.param_specs().iter().zip(model.vars()) {
         let n = spec.numel();
@@ -369,7 +447,7 @@ fn write_params(model: &Model, w: &[f32]) -> Result<()> {
 }
 
 /// Optimiser state over the flat parameter vector.
-struct OptState {
+pub(crate) struct OptState {
     opt: Optimizer,
     m: Vec<f32>,
     v: Vec<f32>,
@@ -377,7 +455,7 @@ struct OptState {
 }
 
 impl OptState {
-    fn new(opt: Optimizer, p: usize) -> Self {
+    pub(crate) fn new(opt: Optimizer, p: usize) -> Self {
         let v = match opt {
             Optimizer::AdamW { .. } => vec![0.0; p],
             Optimizer::Sgd { .. } => Vec::new(),
@@ -390,7 +468,7 @@ impl OptState {
         }
     }
 
-    fn step(&mut self, w: &mut [f32], g: &[f32]) {
+    pub(crate) fn step(&mut self, w: &mut [f32], g: &[f32]) {
         self.t += 1;
         match self.opt {
             Optimizer::Sgd {

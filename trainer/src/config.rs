@@ -139,6 +139,9 @@ pub struct TrainerArgs {
     /// Image decoding threads (0 = all cores).
     #[arg(long, env = "CADUCEUS_LOADER_THREADS", default_value_t = 0)]
     pub loader_threads: usize,
+    /// DP-SGD and the privacy budget.
+    #[command(flatten)]
+    pub dp: crate::dp::DpArgs,
 }
 
 impl TrainerArgs {
@@ -169,6 +172,7 @@ impl TrainerArgs {
                 self.task
             );
         }
+        self.dp.validate()?;
         if !self.shard.is_dir() {
             bail!("--shard {} is not a directory", self.shard.display());
         }

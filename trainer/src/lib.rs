@@ -10,6 +10,7 @@
 //! - [`run`]: the whole program.
 
 pub mod config;
+pub mod dp;
 pub mod eval;
 pub mod run;
 

@@ -29,6 +29,9 @@ pub struct RoundReport {
     pub train_seconds: f64,
     pub images_per_second: Option<f64>,
     pub round_seconds: f64,
+    /// DP-SGD only: what this round ran (σ, q, steps, C) and ε spent so far (δ = --dp-delta).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::dp::RoundPrivacy>,
 }
 
 /// The one-line JSON summary.
@@ -57,6 +60,7 @@ struct Trainer<'r> {
     val: Arc<ImageSet>,
     local_control: Option<Vec<f32>>,
     reports: &'r mut Vec<RoundReport>,
+    accounting: crate::dp::Accounting,
 }
 
 fn load_set(
@@ -212,6 +216,12 @@ impl Trainer<'_> {
         let local_control = self.local_control.clone();
         let eval_only = header.evaluation_only;
         let mu = header.proximal_mu;
+        // DP-SGD: reserve the round's planned spending (persisted) before touching the data.
+        let dp = self.args.dp.config(self.args.batch_size, self.train.len())?;
+        if let (Some(dp), false) = (&dp, eval_only) {
+            let plan = crate::dp::planned(&self.args, dp)?;
+            self.accounting.reserve(&self.args.study_id, round, plan)?;
+        }
         // Candle work is blocking: run it off the async threads.
         let out = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let mut model = Model::from_flat(arch, classes, &gm.params)
@@ -251,7 +261,11 @@ impl Trainer<'_> {
                 }
                 _ => ClientStrategy::FedAvg,
             };
-            let outcome = train_local(&mut model, &train, &cfg, client_strategy).context("local training")?;
+            let outcome = match &dp {
+                Some(dp) => caduceus_models::train_local_dp(&mut model, &train, &cfg, client_strategy, dp)
+                    .context("local training (DP-SGD)")?,
+                None => train_local(&mut model, &train, &cfg, client_strategy).context("local training")?,
+            };
             let delta: Vec<f32> = outcome
                 .params
                 .iter()
@@ -275,6 +289,7 @@ impl Trainer<'_> {
             train_seconds: 0.0,
             images_per_second: None,
             round_seconds: 0.0,
+            privacy: None,
         };
         let mut uh = UpdateHeader {
             round,
@@ -303,6 +318,14 @@ impl Trainer<'_> {
                 report.train_loss = Some(outcome.mean_loss);
                 report.train_seconds = outcome.seconds;
                 report.images_per_second = Some(outcome.images_per_second());
+                if let Some(spend) = &outcome.privacy {
+                    let (proto, rp) =
+                        crate::dp::record_spend(&mut self.accounting, &self.args, round, spend)?;
+                    uh.privacy = Some(proto);
+                    // The training loss is not noised: it stays in the local summary only.
+                    uh.train_loss = 0.0;
+                    report.privacy = Some(rp);
+                }
                 let control_delta = outcome.control.as_ref().map(|c| c.delta.clone());
                 let p = Pending {
                     round,
@@ -376,7 +399,9 @@ async fn run_inner(args: TrainerArgs, reports: &mut Vec<RoundReport>) -> anyhow:
             Err(e) => return Err(anyhow!(e)),
         }
     };
+    let accounting = crate::dp::Accounting::open(&args.dp, args.state_dir.as_deref())?;
     let mut t = Trainer {
+        accounting,
         client,
         train: Arc::new(train),
         val: Arc::new(val),
@@ -418,7 +443,11 @@ async fn run_inner(args: TrainerArgs, reports: &mut Vec<RoundReport>) -> anyhow:
                 continue;
             }
         }
-        let p = t.round(round).await?;
+        let p = match t.round(round).await {
+            Ok(p) => p,
+            Err(e) if e.downcast_ref::<crate::dp::BudgetExhausted>().is_some() => break e.to_string(),
+            Err(e) => return Err(e),
+        };
         let was_eval_only = p.is_none() && t.reports.last().is_some_and(|r| r.evaluation_only);
         pending = p;
         if was_eval_only {

@@ -1,0 +1,505 @@
+//! DP-SGD in `caduceus simulate`: the `--dp-*` options, per-hospital budgets, the runner's
+//! privacy ledgers, and ε per hospital per round.
+//!
+//! Before the study starts the runner plans each hospital's rounds: σ (given, or from
+//! `--dp-target-epsilon` with `privacy::inverse` for the whole schedule), its sampling rate
+//! q = batch / local training examples and the steps per round. A hospital with a budget takes
+//! part in as many rounds as fit its budget (projected ε of the next round checked with the PLD
+//! accountant before it is planned); the runner passes that last round to the trainer
+//! (`--rounds 0-L`) and to the aggregator (`--hospital-last-round`, so that later rounds close
+//! without waiting for it). Each trainer also enforces its budget itself with its own ledger
+//! (`--dp-epsilon-budget`), so a hospital never trains past its budget even if the plan were
+//! wrong. After each round the runner records what the trainers reported (the `PrivacySpend` the
+//! aggregator passes on in `round_closed`) in one ledger per hospital, prints ε per hospital, and
+//! writes it into `rounds.json` (`epsilon`, `delta`).
+use std::collections::BTreeMap;
+
+use anyhow::{Context, bail};
+use caduceus_fairness::RoundResult;
+use caduceus_privacy::ledger::{PrivacyBudget, PrivacyLedger, RoundKey};
+use caduceus_privacy::{AccountantKind, SubsampledGaussian};
+use clap::Args;
+
+/// DP options of `caduceus simulate`.
+#[derive(Args, Debug, Clone)]
+pub struct DpSimArgs {
+    /// Train with DP-SGD at this noise multiplier σ.
+    #[arg(long)]
+    pub dp_noise_multiplier: Option<f64>,
+    /// DP-SGD per-example clip norm C.
+    #[arg(long, default_value_t = 1.0)]
+    pub dp_clip_norm: f64,
+    /// Train with DP-SGD, σ chosen so that every hospital's whole schedule (all rounds) stays
+    /// within this ε at --dp-delta.
+    #[arg(long, conflicts_with = "dp_noise_multiplier")]
+    pub dp_target_epsilon: Option<f64>,
+    /// δ of the privacy guarantee, the budgets and the reported ε.
+    #[arg(long, default_value_t = 1e-5)]
+    pub dp_delta: f64,
+    /// Privacy budget ε of every hospital.
+    #[arg(long)]
+    pub epsilon_budget: Option<f64>,
+    /// Privacy budgets of single hospitals, `hospital-0=E,...` (override --epsilon-budget).
+    #[arg(long, value_delimiter = ',')]
+    pub hospital_budget: Vec<String>,
+}
+
+impl DpSimArgs {
+    pub fn enabled(&self) -> bool {
+        self.dp_noise_multiplier.is_some() || self.dp_target_epsilon.is_some()
+    }
+
+    /// Checks the values, naming the option that is wrong.
+    pub fn validate(&self, hospitals: usize) -> anyhow::Result<BTreeMap<String, f64>> {
+        let positive = |flag: &str, v: f64| -> anyhow::Result<()> {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{flag} must be a positive number, got {v}");
+            }
+            Ok(())
+        };
+        if let Some(s) = self.dp_noise_multiplier {
+            positive("--dp-noise-multiplier", s)?;
+        }
+        if let Some(e) = self.dp_target_epsilon {
+            positive("--dp-target-epsilon", e)?;
+        }
+        positive("--dp-clip-norm", self.dp_clip_norm)?;
+        if !(self.dp_delta > 0.0 && self.dp_delta < 1.0) {
+            bail!("--dp-delta must be in (0, 1), got {}", self.dp_delta);
+        }
+        let mut budgets = BTreeMap::new();
+        if let Some(e) = self.epsilon_budget {
+            positive("--epsilon-budget", e)?;
+            for i in 0..hospitals {
+                budgets.insert(format!("hospital-{i}"), e);
+            }
+        }
+        for item in &self.hospital_budget {
+            let Some((h, e)) = item.split_once('=') else {
+                bail!("--hospital-budget: expected hospital-N=EPSILON, got {item:?}");
+            };
+            let h = h.trim();
+            let valid = h
+                .strip_prefix("hospital-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n < hospitals);
+            if !valid {
+                bail!(
+                    "--hospital-budget: {h} is not one of hospital-0..hospital-{}",
+                    hospitals - 1
+                );
+            }
+            let e: f64 = e
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--hospital-budget {h}: {e:?} is not a number"))?;
+            positive("--hospital-budget", e)?;
+            budgets.insert(h.to_string(), e);
+        }
+        if !self.enabled() && !budgets.is_empty() {
+            bail!("--epsilon-budget and --hospital-budget need --dp-noise-multiplier or --dp-target-epsilon");
+        }
+        Ok(budgets)
+    }
+}
+
+/// One hospital's DP plan.
+#[derive(Debug, Clone)]
+pub struct HospitalPlan {
+    pub name: String,
+    pub sample_rate: f64,
+    pub steps_per_round: u64,
+    pub budget: Option<f64>,
+    /// Last training round it takes part in (`None`: all rounds and the final evaluation).
+    pub last_round: Option<u32>,
+}
+
+/// The runner's DP plan and ledgers.
+#[derive(Debug)]
+pub struct DpPlan {
+    pub noise_multiplier: f64,
+    pub clip_norm: f64,
+    pub delta: f64,
+    pub hospitals: Vec<HospitalPlan>,
+    ledgers: BTreeMap<String, PrivacyLedger>,
+    study: String,
+}
+
+const ACCOUNTANT: AccountantKind = AccountantKind::Pld;
+
+impl DpPlan {
+    /// Plans `rounds` rounds for hospitals with `train_examples[i]` local training examples,
+    /// `batch_size`, and `local_epochs` / `steps_cap` as the trainers will use them.
+    pub fn new(
+        dp: &DpSimArgs,
+        study: &str,
+        rounds: u32,
+        train_examples: &[usize],
+        batch_size: usize,
+        local_epochs: usize,
+        steps_cap: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        let budgets = dp.validate(train_examples.len())?;
+        let cfg = caduceus_models::TrainConfig {
+            epochs: local_epochs,
+            max_steps: steps_cap,
+            batch_size,
+            ..Default::default()
+        };
+        let mut hospitals = Vec::new();
+        for (i, &n) in train_examples.iter().enumerate() {
+            let q = (batch_size as f64 / n.max(1) as f64).min(1.0);
+            let steps = caduceus_models::dpsgd::dp_steps(&cfg, q) as u64;
+            let name = format!("hospital-{i}");
+            hospitals.push(HospitalPlan {
+                budget: budgets.get(&name).copied(),
+                name,
+                sample_rate: q,
+                steps_per_round: steps,
+                last_round: None,
+            });
+        }
+        let noise_multiplier = match (dp.dp_noise_multiplier, dp.dp_target_epsilon) {
+            (Some(s), _) => s,
+            (None, Some(target)) => {
+                // The largest σ any hospital needs for its whole schedule.
+                let mut sigma: f64 = 0.0;
+                for h in &hospitals {
+                    let s = caduceus_privacy::noise_multiplier_for_epsilon(
+                        ACCOUNTANT,
+                        target,
+                        dp.dp_delta,
+                        h.sample_rate,
+                        h.steps_per_round * u64::from(rounds),
+                    )
+                    .with_context(|| format!("--dp-target-epsilon {target} for {}", h.name))?;
+                    sigma = sigma.max(s.noise_multiplier);
+                }
+                sigma
+            }
+            (None, None) => bail!("DP is off"),
+        };
+        // Rounds each budget allows: add rounds while the projected ε fits.
+        for h in &mut hospitals {
+            let Some(eps) = h.budget else { continue };
+            let budget = PrivacyBudget::new(eps, dp.dp_delta, ACCOUNTANT)?;
+            let ledger = PrivacyLedger::new();
+            let mut affordable = 0;
+            while affordable < rounds {
+                let plan = SubsampledGaussian::new(
+                    noise_multiplier,
+                    h.sample_rate,
+                    h.steps_per_round * u64::from(affordable + 1),
+                )?;
+                if ledger.check(&[plan], &budget).is_err() {
+                    break;
+                }
+                affordable += 1;
+            }
+            if affordable == 0 {
+                let one = SubsampledGaussian::new(noise_multiplier, h.sample_rate, h.steps_per_round)?;
+                bail!(
+                    "{}'s budget ε={eps} does not cover a single round (ε={:.3} at δ={}); raise the budget or the noise",
+                    h.name,
+                    ACCOUNTANT.epsilon(&[one], dp.dp_delta)?,
+                    dp.dp_delta
+                );
+            }
+            if affordable < rounds {
+                h.last_round = Some(affordable - 1);
+            }
+        }
+        if hospitals.iter().all(|h| h.last_round.is_some()) {
+            let most = hospitals.iter().filter_map(|h| h.last_round).max().unwrap_or(0) + 1;
+            bail!(
+                "no hospital's budget covers all {rounds} rounds (at most {most}); use --rounds {most} or larger budgets"
+            );
+        }
+        Ok(DpPlan {
+            noise_multiplier,
+            clip_norm: dp.dp_clip_norm,
+            delta: dp.dp_delta,
+            ledgers: hospitals
+                .iter()
+                .map(|h| (h.name.clone(), PrivacyLedger::new()))
+                .collect(),
+            hospitals,
+            study: study.to_string(),
+        })
+    }
+
+    /// Extra trainer arguments of hospital `i`.
+    pub fn trainer_args(&self, i: usize) -> Vec<String> {
+        let h = &self.hospitals[i];
+        let mut a = vec![
+            "--dp-noise-multiplier".to_string(),
+            self.noise_multiplier.to_string(),
+            "--dp-clip-norm".into(),
+            self.clip_norm.to_string(),
+            "--dp-sample-rate".into(),
+            h.sample_rate.to_string(),
+            "--dp-delta".into(),
+            self.delta.to_string(),
+        ];
+        if let Some(b) = h.budget {
+            a.extend(["--dp-epsilon-budget".into(), b.to_string()]);
+        }
+        if let Some(last) = h.last_round {
+            a.extend(["--rounds".into(), format!("0-{last}")]);
+        }
+        a
+    }
+
+    /// Extra aggregator arguments.
+    pub fn aggregator_args(&self) -> Vec<String> {
+        let leaving: Vec<String> = self
+            .hospitals
+            .iter()
+            .filter_map(|h| h.last_round.map(|r| format!("{}={r}", h.name)))
+            .collect();
+        if leaving.is_empty() {
+            Vec::new()
+        } else {
+            vec!["--hospital-last-round".into(), leaving.join(",")]
+        }
+    }
+
+    /// One line per hospital describing the plan.
+    pub fn describe(&self, rounds: u32) -> String {
+        let mut s = format!(
+            "DP-SGD: σ={:.4}, C={}, δ={:e} (PLD accountant)",
+            self.noise_multiplier, self.clip_norm, self.delta
+        );
+        for h in &self.hospitals {
+            let r = h.last_round.map_or(rounds, |l| l + 1);
+            s.push_str(&format!(
+                "\n  {}: q={:.4}, {} steps/round, budget {}, {} round(s){}",
+                h.name,
+                h.sample_rate,
+                h.steps_per_round,
+                h.budget.map_or("none".into(), |b| format!("ε={b}")),
+                r,
+                if r < rounds {
+                    " (its next round would exceed the budget)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        s
+    }
+
+    /// Records the spending the trainers reported in a closed round (`r.extra["hospitals"][h]
+    /// ["privacy"]`), fills `r.epsilon` (ε spent so far by every hospital) and `r.delta`, and
+    /// returns the line to print.
+    pub fn record_round(&mut self, r: &mut RoundResult) -> anyhow::Result<String> {
+        if let Some(hs) = r.extra.get("hospitals").and_then(|v| v.as_object()) {
+            for (name, v) in hs {
+                let p = &v["privacy"];
+                let (Some(sigma), Some(q), Some(steps)) = (
+                    p["noise_multiplier"].as_f64(),
+                    p["sample_rate"].as_f64(),
+                    p["steps"].as_u64(),
+                ) else {
+                    continue;
+                };
+                if sigma <= 0.0 || steps == 0 {
+                    continue;
+                }
+                let m = SubsampledGaussian::new(sigma, q, steps)?;
+                let ledger = self.ledgers.entry(name.clone()).or_default();
+                let key = RoundKey::new(self.study.clone(), u64::from(r.round));
+                let unlimited = PrivacyBudget::new(f64::MAX, self.delta, ACCOUNTANT)?;
+                ledger
+                    .reserve(key.clone(), &[m], &unlimited)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                ledger.commit(&key, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
+        let mut parts = Vec::new();
+        for h in &self.hospitals {
+            let eps = self.ledgers[&h.name].epsilon(self.delta, ACCOUNTANT)?;
+            r.epsilon.insert(h.name.clone(), eps);
+            let budget = h.budget.map_or(String::new(), |b| format!("/{b}"));
+            let left = if h.last_round.is_some_and(|l| r.round > l) {
+                " (left)"
+            } else {
+                ""
+            };
+            parts.push(format!("{} {eps:.3}{budget}{left}", h.name));
+        }
+        r.delta = Some(self.delta);
+        Ok(format!(
+            "  ε spent so far (δ={:e}): {}",
+            self.delta,
+            parts.join("  ")
+        ))
+    }
+}
+
+/// The plan of a `caduceus simulate` run with DP (None without): reads the hospitals' training
+/// set sizes from the split, prints the plan and adds it to `config.json`.
+pub fn plan_for(
+    args: &crate::simulate::SimulateArgs,
+    split_dir: &std::path::Path,
+    config: &mut serde_json::Value,
+) -> anyhow::Result<Option<DpPlan>> {
+    if !args.dp.enabled() {
+        return Ok(None);
+    }
+    let mut sizes = Vec::new();
+    for i in 0..args.hospitals {
+        let dir = split_dir.join(caduceus_dataset::hospital_dir_name(i));
+        let shard =
+            caduceus_dataset::ShardManifests::read(&dir).with_context(|| format!("{}", dir.display()))?;
+        sizes.push(shard.train.records.len());
+    }
+    let plan = DpPlan::new(
+        &args.dp,
+        &args.study_id,
+        args.rounds,
+        &sizes,
+        args.batch_size,
+        args.local_epochs,
+        (args.local_steps > 0).then_some(args.local_steps),
+    )?;
+    println!("{}", plan.describe(args.rounds));
+    config["dp"] = serde_json::json!({
+        "noise_multiplier": plan.noise_multiplier,
+        "clip_norm": plan.clip_norm,
+        "delta": plan.delta,
+        "target_epsilon": args.dp.dp_target_epsilon,
+        "accountant": "pld",
+        "hospitals": plan.hospitals.iter().map(|h| serde_json::json!({
+            "name": h.name,
+            "sample_rate": h.sample_rate,
+            "steps_per_round": h.steps_per_round,
+            "budget": h.budget,
+            "last_round": h.last_round,
+        })).collect::<Vec<_>>(),
+    });
+    Ok(Some(plan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dp() -> DpSimArgs {
+        DpSimArgs {
+            dp_noise_multiplier: Some(1.0),
+            dp_clip_norm: 1.0,
+            dp_target_epsilon: None,
+            dp_delta: 1e-5,
+            epsilon_budget: None,
+            hospital_budget: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_hospital_stops_before_the_round_that_would_exceed_its_budget() {
+        let mut a = dp();
+        // 100 examples, batch 10: q = 0.1, 10 steps per round (one epoch).
+        a.hospital_budget = vec!["hospital-1=5".into()];
+        let plan = DpPlan::new(&a, "s", 10, &[100, 100], 10, 1, None).unwrap();
+        assert_eq!(plan.hospitals[0].last_round, None);
+        let h = &plan.hospitals[1];
+        assert_eq!(h.steps_per_round, 10);
+        let last = h.last_round.expect("hospital-1 leaves");
+        let eps = |rounds: u64| {
+            ACCOUNTANT
+                .epsilon(&[SubsampledGaussian::new(1.0, 0.1, 10 * rounds).unwrap()], 1e-5)
+                .unwrap()
+        };
+        // Its rounds 0..=last fit the budget; one more would not.
+        let done = u64::from(last) + 1;
+        assert!(
+            eps(done) <= 5.0 && eps(done + 1) > 5.0,
+            "{} {}",
+            eps(done),
+            eps(done + 1)
+        );
+        assert_eq!(
+            plan.aggregator_args(),
+            vec!["--hospital-last-round", &format!("hospital-1={last}")]
+        );
+        assert!(
+            plan.trainer_args(1)
+                .windows(2)
+                .any(|w| w[0] == "--rounds" && w[1] == format!("0-{last}"))
+        );
+        assert!(plan.trainer_args(1).contains(&"--dp-epsilon-budget".to_string()));
+    }
+
+    #[test]
+    fn a_budget_below_one_round_is_refused_with_the_cost_of_a_round() {
+        let mut a = dp();
+        a.epsilon_budget = Some(1.0);
+        let e = DpPlan::new(&a, "s", 3, &[100], 10, 1, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not cover a single round"), "{e}");
+    }
+
+    #[test]
+    fn target_epsilon_gives_a_sigma_that_meets_it_for_every_hospital() {
+        let mut a = dp();
+        a.dp_noise_multiplier = None;
+        a.dp_target_epsilon = Some(3.0);
+        let plan = DpPlan::new(&a, "s", 5, &[200, 100], 10, 1, Some(8)).unwrap();
+        for h in &plan.hospitals {
+            let m =
+                SubsampledGaussian::new(plan.noise_multiplier, h.sample_rate, h.steps_per_round * 5).unwrap();
+            assert!(ACCOUNTANT.epsilon(&[m], 1e-5).unwrap() <= 3.0 + 1e-9);
+        }
+    }
+
+    #[test]
+    fn the_runner_ledger_records_reported_spending_once_per_round() {
+        let plan_args = dp();
+        let mut plan = DpPlan::new(&plan_args, "s", 3, &[100], 10, 1, None).unwrap();
+        let mut r = RoundResult {
+            round: 0,
+            ..Default::default()
+        };
+        r.extra.insert(
+            "hospitals".into(),
+            serde_json::json!({"hospital-0": {"privacy": {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10, "clip_norm": 1.0}}}),
+        );
+        let line = plan.record_round(&mut r.clone()).unwrap();
+        assert!(line.contains("hospital-0"), "{line}");
+        // Recording the same round again (a re-sent event) counts once.
+        plan.record_round(&mut r).unwrap();
+        let once = ACCOUNTANT
+            .epsilon(&[SubsampledGaussian::new(1.0, 0.1, 10).unwrap()], 1e-5)
+            .unwrap();
+        assert!((r.epsilon["hospital-0"] - once).abs() < 1e-9);
+        assert_eq!(r.delta, Some(1e-5));
+    }
+
+    #[test]
+    fn bad_values_name_their_option() {
+        for (f, flag) in [
+            (
+                (|a: &mut DpSimArgs| a.dp_noise_multiplier = Some(0.0)) as fn(&mut DpSimArgs),
+                "--dp-noise-multiplier",
+            ),
+            (|a| a.dp_clip_norm = -1.0, "--dp-clip-norm"),
+            (|a| a.dp_delta = 0.0, "--dp-delta"),
+            (|a| a.epsilon_budget = Some(-3.0), "--epsilon-budget"),
+            (
+                |a| a.hospital_budget = vec!["hospital-9=1".into()],
+                "--hospital-budget",
+            ),
+            (
+                |a| a.hospital_budget = vec!["hospital-0".into()],
+                "--hospital-budget",
+            ),
+        ] {
+            let mut a = dp();
+            f(&mut a);
+            let e = a.validate(2).unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+    }
+}
