@@ -81,19 +81,39 @@ api-demo: cluster-up ## The API on a real local control plane: CRDs and every ex
 BENCH_IMAGES ?= 1024
 BENCH_STEPS ?= 12
 
+EXAMPLES := $(CARGO_TARGET_DIR)/debug/examples
+
 .PHONY: bench
 bench: ## Benchmarks, each reported as a ratio against a baseline measured in the same run
+	@# Built for the whole workspace at once: `cargo run -p X` alone would resolve other dependency features
+	@# and rebuild candle and tfhe.
+	$(CARGO) build -q --workspace --examples
 	@echo "== FedAvg over 10 updates of 11M float32 parameters vs a plain copy of the same bytes"
-	$(CARGO) run -q -p caduceus-aggregation --example fedavg_bench -- --updates 10 --params 11000000 --reps 5
+	$(EXAMPLES)/fedavg_bench --updates 10 --params 11000000 --reps 5
 	@echo "== Trainer throughput per model (images/s, forward+backward+optimiser), im2col vs candle conv2d"
-	$(CARGO) run -q -p caduceus-models --example throughput -- --images $(BENCH_IMAGES) --steps $(BENCH_STEPS) \
-		--batch 64 --archs small-cnn,resnet8,mobilenet --conv im2col,candle
+	$(EXAMPLES)/throughput --images $(BENCH_IMAGES) --steps $(BENCH_STEPS) --batch 64 \
+		--archs small-cnn,resnet8,mobilenet --conv im2col,candle
 	@echo "== Secure aggregation (TFHE packed additive codec) per 1M parameters and 10 hospitals vs plaintext"
-	RAYON_NUM_THREADS=1 $(CARGO) run -q -p caduceus-secagg --example he_bench -- --values 1000000 --hospitals 10 --reps 2
+	RAYON_NUM_THREADS=1 $(EXAMPLES)/he_bench --values 1000000 --hospitals 10 --reps 2
 	@echo "== Exact discrete-Gaussian DP noise"
-	$(CARGO) run -q -p caduceus-privacy --example noise_bench -- 1000000
+	$(EXAMPLES)/noise_bench 1000000
 	@echo "== DP-SGD step vs a non-private step of the same model and batch (same run)"
-	$(CARGO) run -q -p caduceus-models --example dp_overhead -- --batch 64 --reps 5
+	$(EXAMPLES)/dp_overhead --batch 64 --reps 5
+
+# Short fuzz run of the secure-aggregation wire decoder (needs a nightly toolchain and cargo-fuzz).
+FUZZ_SECS ?= 30
+
+.PHONY: fuzz
+fuzz: ## Fuzz the secagg wire decoder for FUZZ_SECS seconds (cargo +nightly fuzz)
+	@if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then \
+		echo "make fuzz: no nightly toolchain (rustup toolchain install nightly); fuzzing skipped" >&2; exit 1; \
+	fi
+	@if ! cargo +nightly fuzz --version >/dev/null 2>&1; then \
+		echo "make fuzz: cargo-fuzz is not installed (cargo install cargo-fuzz); fuzzing skipped" >&2; exit 1; \
+	fi
+	mkdir -p secagg/fuzz/corpus/decode
+	cd secagg/fuzz && cargo +nightly fuzz run decode -s none corpus/decode seeds/decode -- \
+		-max_total_time=$(FUZZ_SECS) -max_len=16384
 
 .PHONY: clean
 clean:

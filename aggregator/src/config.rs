@@ -30,6 +30,40 @@ pub enum FairnessMetricName {
     Dpd,
 }
 
+/// Secure aggregation mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SecureAggregationName {
+    /// Plaintext updates (the aggregator sees every hospital's delta).
+    None,
+    /// TFHE (GLWE) additive encryption: the aggregator sums ciphertexts and never sees a delta.
+    Tfhe,
+}
+
+/// Default per-coordinate clip bound of encrypted update values (must match the trainers').
+pub const DEFAULT_SECAGG_CLIP: f32 = 1.0;
+
+/// The public secure-aggregation parameters of a study: clip bound `clip`, default sum bounds.
+pub fn secagg_params(clip: f32) -> anyhow::Result<caduceus_secagg::SecAggParams> {
+    caduceus_secagg::SecAggParams::new(clip, caduceus_secagg::SumBounds::default())
+        .map_err(|e| anyhow::anyhow!("secure-aggregation parameters: {e}"))
+}
+
+/// Parses a 32-hex-digit key fingerprint.
+pub fn parse_fingerprint(hex_str: &str) -> anyhow::Result<caduceus_secagg::Fingerprint> {
+    let bytes = hex::decode(hex_str.trim()).map_err(|e| anyhow::anyhow!("not hex: {e}"))?;
+    let arr: [u8; 16] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| anyhow::anyhow!("{} bytes, expected 16 (32 hex digits)", b.len()))?;
+    Ok(caduceus_secagg::Fingerprint(arr))
+}
+
+/// Validated secure-aggregation settings of the aggregator: public values only (it has no key).
+#[derive(Debug, Clone)]
+pub struct SecAggConfig {
+    pub params: caduceus_secagg::SecAggParams,
+    pub key_fingerprint: caduceus_secagg::Fingerprint,
+}
+
 /// Serves the rounds of one federated study over gRPC with mutual TLS, aggregates the hospitals'
 /// updates and checkpoints the global model after every round.
 #[derive(Parser, Debug, Clone)]
@@ -122,6 +156,17 @@ pub struct AggregatorArgs {
     /// Seconds to keep answering status calls after the study ends, so trainers learn the outcome.
     #[arg(long, env = "CADUCEUS_LINGER_SECS", default_value_t = 2)]
     pub linger_secs: u64,
+    /// Secure aggregation: with `tfhe` hospitals send encrypted deltas, the aggregator sums them
+    /// without decrypting and serves the encrypted aggregate (FedAvg, FedProx, FairFed). There is no
+    /// key option: the aggregator never holds the study key.
+    #[arg(long, env = "CADUCEUS_SECURE_AGGREGATION", value_enum, default_value = "none")]
+    pub secure_aggregation: SecureAggregationName,
+    /// Public fingerprint (32 hex digits) of the study key; ciphertexts under any other key are refused.
+    #[arg(long, env = "CADUCEUS_KEY_FINGERPRINT")]
+    pub key_fingerprint: Option<String>,
+    /// Per-coordinate clip bound of encrypted update values (must match the trainers').
+    #[arg(long, env = "CADUCEUS_SECAGG_CLIP", default_value_t = DEFAULT_SECAGG_CLIP)]
+    pub secagg_clip: f32,
 }
 
 /// Validated settings.
@@ -145,6 +190,8 @@ pub struct StudyConfig {
     pub initial_model: Option<PathBuf>,
     pub model_store: PathBuf,
     pub final_evaluation: bool,
+    /// Secure aggregation (public parameters and key fingerprint), when on.
+    pub secagg: Option<SecAggConfig>,
 }
 
 impl AggregatorArgs {
@@ -235,7 +282,42 @@ impl AggregatorArgs {
                 bail!("{flag} {} does not exist or is not a file", p.display());
             }
         }
+        let secagg = match self.secure_aggregation {
+            SecureAggregationName::None => {
+                if self.key_fingerprint.is_some() {
+                    bail!("--key-fingerprint is only used with --secure-aggregation tfhe");
+                }
+                None
+            }
+            SecureAggregationName::Tfhe => {
+                if matches!(strategy, Strategy::Scaffold { .. }) {
+                    bail!(
+                        "--secure-aggregation tfhe supports --strategy fedavg, fedprox and fairfed, not scaffold: \
+                         SCAFFOLD's server control variate is a second aggregate that every hospital would \
+                         have to decrypt and track; run SCAFFOLD without secure aggregation"
+                    );
+                }
+                let fp = self.key_fingerprint.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--secure-aggregation tfhe needs --key-fingerprint (the study key's public fingerprint)"
+                    )
+                })?;
+                let key_fingerprint = parse_fingerprint(fp).context("--key-fingerprint")?;
+                let params = secagg_params(self.secagg_clip).context("--secagg-clip")?;
+                if hospitals.len() as u32 > params.bounds().max_hospitals {
+                    bail!(
+                        "secure aggregation supports at most {} hospitals",
+                        params.bounds().max_hospitals
+                    );
+                }
+                Some(SecAggConfig {
+                    params,
+                    key_fingerprint,
+                })
+            }
+        };
         Ok(StudyConfig {
+            secagg,
             study_id: self.study_id.clone(),
             rounds: self.rounds,
             strategy,

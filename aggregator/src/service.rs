@@ -63,6 +63,59 @@ struct Served {
     header: ModelHeader,
     params: Arc<Vec<f32>>,
     control: Option<Arc<Vec<f32>>>,
+    /// Secure aggregation: the encrypted aggregates of rounds `0..header.round` (index = round), and
+    /// `params` is the public initial model.
+    aggregates: Vec<Arc<Vec<Vec<u8>>>>,
+}
+
+/// File (in the model store) of the encrypted aggregate of closed round `round`.
+pub fn aggregate_file_name(round: u32) -> String {
+    format!("secagg-aggregate-{round:06}.bin")
+}
+
+fn secagg_status(e: caduceus_secagg::Error) -> Status {
+    use caduceus_secagg::Error as E;
+    match e {
+        E::KeyMismatch { .. }
+        | E::ParamsMismatch { .. }
+        | E::StudyMismatch { .. }
+        | E::RoundMismatch { .. } => Status::failed_precondition(format!("encrypted update refused: {e}")),
+        E::SenderMismatch { .. } => Status::permission_denied(format!("encrypted update refused: {e}")),
+        E::DuplicateContribution { .. } => Status::already_exists(format!("encrypted update refused: {e}")),
+        other => Status::invalid_argument(format!("encrypted update refused: {other}")),
+    }
+}
+
+/// Loads the encrypted aggregates of rounds `0..upto` recorded in a checkpoint's metadata.
+fn load_aggregates(
+    store: &ModelStore,
+    extra: &serde_json::Value,
+    upto: u32,
+) -> anyhow::Result<Vec<Arc<Vec<Vec<u8>>>>> {
+    use sha2::Digest;
+    let list = extra["secure_aggregation"]["aggregates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for r in 0..upto {
+        let entry = list
+            .iter()
+            .find(|e| e["round"].as_u64() == Some(u64::from(r)))
+            .ok_or_else(|| {
+                anyhow::anyhow!("the checkpoint does not list the encrypted aggregate of round {r}")
+            })?;
+        let path = store.dir().join(aggregate_file_name(r));
+        let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let digest = hex::encode(sha2::Sha256::digest(&bytes));
+        if Some(digest.as_str()) != entry["sha256"].as_str() {
+            anyhow::bail!("{} does not match the checkpoint's digest", path.display());
+        }
+        let chunks =
+            caduceus_secagg::decode_bundle(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        out.push(Arc::new(chunks));
+    }
+    Ok(out)
 }
 
 /// A validated update waiting for its round to close.
@@ -75,6 +128,8 @@ struct Received {
     local_steps: u64,
     train_loss: f64,
     privacy: Option<caduceus_proto::PrivacySpend>,
+    /// Secure aggregation: the hospital's validated ciphertext messages (its delta, encrypted).
+    encrypted: Vec<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -104,8 +159,15 @@ pub struct Summary {
     pub final_accuracy: Option<f64>,
     pub final_loss: Option<f64>,
     pub participants: Vec<Vec<String>>,
+    /// The final checkpoint. Absent under secure aggregation: the aggregator has no plaintext model
+    /// (its checkpoints hold the public initial model plus encrypted aggregates, see
+    /// `encrypted_model`).
     pub model_path: Option<String>,
     pub resumed_from_round: Option<u32>,
+    /// Secure aggregation: the checkpoint whose metadata lists the encrypted aggregates that the
+    /// hospitals decrypt and apply to the initial model to obtain the final model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypted_model: Option<String>,
 }
 
 /// Shared state of the running study.
@@ -189,6 +251,22 @@ impl Study {
                         cfg.rounds
                     );
                 }
+                let stored_fp = c.meta.extra["secure_aggregation"]["key_fingerprint"].as_str();
+                match (&cfg.secagg, stored_fp) {
+                    (Some(sa), Some(fp)) if fp == sa.key_fingerprint.to_string() => {}
+                    (None, None) => {}
+                    (Some(sa), found) => anyhow::bail!(
+                        "the model store {} was not written by a secure-aggregation study under key {} (found {:?})",
+                        cfg.model_store.display(),
+                        sa.key_fingerprint,
+                        found
+                    ),
+                    (None, Some(_)) => anyhow::bail!(
+                        "the model store {} holds a secure-aggregation study: start the aggregator with \
+                         --secure-aggregation tfhe and its --key-fingerprint",
+                        cfg.model_store.display()
+                    ),
+                }
                 tracing::info!(round = c.meta.round, path = %r.path.display(), "resuming from checkpoint");
                 resumed_from = Some(c.meta.round);
                 c
@@ -225,7 +303,15 @@ impl Study {
                         params_sha256: String::new(),
                         control_sha256: None,
                         created_unix_ms: now_unix_ms(),
-                        extra: serde_json::json!({}),
+                        extra: match &cfg.secagg {
+                            Some(sa) => serde_json::json!({"secure_aggregation": {
+                                "key_fingerprint": sa.key_fingerprint.to_string(),
+                                "params_fingerprint": sa.params.fingerprint().to_string(),
+                                "base_round": 0,
+                                "aggregates": [],
+                            }}),
+                            None => serde_json::json!({}),
+                        },
                     },
                     params,
                     control,
@@ -263,6 +349,11 @@ impl Study {
         } else {
             Phase::Completed
         };
+        let aggregates = if cfg.secagg.is_some() {
+            load_aggregates(&store, &ckpt.meta.extra, round)?
+        } else {
+            Vec::new()
+        };
         let served = Arc::new(Self::served(
             &cfg,
             &specs,
@@ -270,6 +361,7 @@ impl Study {
             &phase,
             ckpt.params,
             ckpt.control,
+            aggregates,
         ));
         let now = Instant::now();
         let (changes, _) = watch::channel((round, phase_code(&phase)));
@@ -302,6 +394,7 @@ impl Study {
         phase: &Phase,
         params: Vec<f32>,
         control: Option<Vec<f32>>,
+        aggregates: Vec<Arc<Vec<Vec<u8>>>>,
     ) -> Served {
         let (mu, strategy) = match cfg.strategy {
             Strategy::FedAvg => (0.0, caduceus_proto::Strategy::Fedavg),
@@ -327,11 +420,18 @@ impl Study {
             has_control: control.is_some(),
             evaluation_only: *phase == Phase::FinalEvaluation,
             parameters_sha256: sha256_f32(&params),
+            secure_aggregation: cfg.secagg.as_ref().map(|sa| caduceus_proto::SecureAggregation {
+                key_fingerprint: sa.key_fingerprint.to_string(),
+                params_fingerprint: sa.params.fingerprint().to_string(),
+                clip: sa.params.clip(),
+                base_round: 0,
+            }),
         };
         Served {
             header,
             params: Arc::new(params),
             control: control.map(Arc::new),
+            aggregates,
         }
     }
 
@@ -586,6 +686,9 @@ impl Study {
             }
             _ => None,
         };
+        if let Some(sa) = &self.cfg.secagg {
+            return self.aggregate_encrypted(sa, round, record, received, served, fairfed, weights);
+        }
         let mut state = GlobalState {
             params: served.params.as_ref().clone(),
             control: served.control.as_ref().map(|c| c.as_ref().clone()),
@@ -657,6 +760,149 @@ impl Study {
             &next_phase,
             ckpt.params,
             ckpt.control,
+            Vec::new(),
+        );
+        Ok((record, Some((served, fairfed))))
+    }
+
+    /// Secure aggregation: sums the hospitals' ciphertexts with public integer weights (no key, no
+    /// decryption), checkpoints the encrypted aggregate and serves it with the previous ones.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    fn aggregate_encrypted(
+        &self,
+        sa: &crate::config::SecAggConfig,
+        round: u32,
+        mut record: RoundResult,
+        received: BTreeMap<String, Received>,
+        served: &Served,
+        fairfed: BTreeMap<String, f64>,
+        weights: Option<Vec<f64>>,
+    ) -> Result<(RoundResult, Option<(Served, BTreeMap<String, f64>)>), String> {
+        use sha2::Digest;
+        let participants: Vec<&String> = received.keys().collect();
+        let real: Vec<f64> = match &weights {
+            Some(w) => w.clone(),
+            None => received.values().map(|r| r.num_examples as f64).collect(),
+        };
+        let total = sa.params.bounds().max_total_weight;
+        let ints = caduceus_secagg::round_weights(&real, total)
+            .map_err(|e| format!("secure aggregation weights: {e}"))?;
+        let mut agg = caduceus_secagg::Aggregator::new(&sa.params, &self.cfg.study_id, u64::from(round))
+            .map_err(|e| e.to_string())?
+            .expect_key_fingerprint(sa.key_fingerprint);
+        let started = Instant::now();
+        for ((h, r), &w) in received.iter().zip(&ints) {
+            if w == 0 {
+                tracing::warn!(hospital = %h, "weight rounds to 0: left out of the encrypted sum");
+                continue;
+            }
+            for m in &r.encrypted {
+                agg.add_chunk_from(h, m, w)
+                    .map_err(|e| format!("secure aggregation of {h}: {e}"))?;
+            }
+        }
+        let chunks = agg.finish().map_err(|e| format!("secure aggregation: {e}"))?;
+        let sum_seconds = started.elapsed().as_secs_f64();
+        let int_total: u64 = ints.iter().map(|&w| u64::from(w)).sum();
+        record.weights = participants
+            .iter()
+            .map(|h| (*h).clone())
+            .zip(ints.iter().map(|&w| f64::from(w) / int_total as f64))
+            .collect();
+        record.extra.insert(
+            "train_examples".into(),
+            serde_json::json!(received.values().map(|r| r.num_examples).sum::<u64>()),
+        );
+        record.extra.insert(
+            "secure_aggregation".into(),
+            serde_json::json!({
+                "scheme": "tfhe",
+                "integer_weights": participants.iter().zip(&ints).collect::<BTreeMap<_, _>>(),
+                "ciphertext_bytes_in": received.values().map(|r| r.encrypted.iter().map(Vec::len).sum::<usize>()).sum::<usize>(),
+                "aggregate_bytes": chunks.iter().map(Vec::len).sum::<usize>(),
+                "sum_seconds": sum_seconds,
+            }),
+        );
+        // Aggregate file, then the record, then the checkpoint that lists it: a crash in between
+        // redoes the round (the file is rewritten atomically).
+        let bundle = caduceus_secagg::encode_bundle(&chunks);
+        let digest = hex::encode(sha2::Sha256::digest(&bundle));
+        caduceus_aggregation::checkpoint::write_atomic(
+            &self.store.dir().join(aggregate_file_name(round)),
+            &bundle,
+        )
+        .map_err(|e| e.to_string())?;
+        self.store
+            .write_json(&record_name(round), &record)
+            .map_err(|e| e.to_string())?;
+        let next_round = round + 1;
+        let mut aggregates = served.aggregates.clone();
+        aggregates.push(Arc::new(chunks));
+        let listed: Vec<serde_json::Value> = (0..next_round)
+            .map(|r| {
+                let bytes = if r == round {
+                    Ok(bundle.clone())
+                } else {
+                    std::fs::read(self.store.dir().join(aggregate_file_name(r)))
+                };
+                bytes.map(|b| {
+                    serde_json::json!({
+                        "round": r,
+                        "file": aggregate_file_name(r),
+                        "sha256": hex::encode(sha2::Sha256::digest(&b)),
+                    })
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("re-reading an aggregate file: {e}"))?;
+        debug_assert_eq!(
+            listed.last().and_then(|v| v["sha256"].as_str()),
+            Some(digest.as_str())
+        );
+        let ckpt = Checkpoint {
+            meta: CheckpointMeta {
+                format_version: caduceus_aggregation::checkpoint::FORMAT_VERSION,
+                study_id: self.cfg.study_id.clone(),
+                round: next_round,
+                total_rounds: self.cfg.rounds,
+                arch: self.cfg.arch.name().to_string(),
+                strategy: self.cfg.strategy,
+                tensors: self.specs.clone(),
+                params_sha256: String::new(),
+                control_sha256: None,
+                created_unix_ms: now_unix_ms(),
+                extra: serde_json::json!({
+                    "closed_round": round,
+                    "participants": participants,
+                    "fairfed_weights": fairfed,
+                    "secure_aggregation": {
+                        "key_fingerprint": sa.key_fingerprint.to_string(),
+                        "params_fingerprint": sa.params.fingerprint().to_string(),
+                        "clip": sa.params.clip(),
+                        "base_round": 0,
+                        "note": "params are the public initial model (round 0); the model of this round is \
+                                 params plus the decrypted aggregates of rounds 0..round, applied in order",
+                        "aggregates": listed,
+                    },
+                }),
+            },
+            params: served.params.as_ref().clone(),
+            control: None,
+        };
+        self.store.save(&ckpt).map_err(|e| e.to_string())?;
+        let next_phase = if next_round < self.cfg.rounds {
+            Phase::Training
+        } else {
+            Phase::FinalEvaluation
+        };
+        let served = Self::served(
+            &self.cfg,
+            &self.specs,
+            next_round,
+            &next_phase,
+            ckpt.params,
+            None,
+            aggregates,
         );
         Ok((record, Some((served, fairfed))))
     }
@@ -679,8 +925,17 @@ impl Study {
             final_accuracy: last.and_then(|r| r.accuracy),
             final_loss: last.and_then(|r| r.loss),
             participants: st.history.iter().map(|r| r.participants.clone()).collect(),
-            model_path: Some(self.store.path_for(model_round).display().to_string()),
+            model_path: self
+                .cfg
+                .secagg
+                .is_none()
+                .then(|| self.store.path_for(model_round).display().to_string()),
             resumed_from_round: self.resumed_from,
+            encrypted_model: self
+                .cfg
+                .secagg
+                .as_ref()
+                .map(|_| self.store.path_for(model_round).display().to_string()),
         }
     }
 }
@@ -735,6 +990,60 @@ fn chunk_status(e: ChunkError) -> Status {
         )),
         other => Status::invalid_argument(other.to_string()),
     }
+}
+
+/// The model stream of a secure-aggregation round: header, the public initial model (unless the hospital
+/// holds the model of a later round, `have_round`), then the encrypted aggregates from the base round on.
+fn secure_stream(served: &Served, have_round: Option<u32>) -> ModelStream {
+    let round = served.header.round;
+    let base = have_round.filter(|&h| h <= round).unwrap_or(0);
+    let mut header = served.header.clone();
+    if let Some(info) = header.secure_aggregation.as_mut() {
+        info.base_round = base;
+    }
+    let params = (base == 0).then(|| served.params.clone());
+    if params.is_none() {
+        header.parameters_sha256 = String::new();
+    }
+    let first = ModelChunk {
+        kind: Some(model_chunk::Kind::Header(header)),
+    };
+    let data = params.into_iter().flat_map(|p| {
+        let n = p.len();
+        (0..n.div_ceil(DEFAULT_CHUNK_ELEMS)).map(move |i| {
+            let lo = i * DEFAULT_CHUNK_ELEMS;
+            let hi = (lo + DEFAULT_CHUNK_ELEMS).min(n);
+            ModelChunk {
+                kind: Some(model_chunk::Kind::Data(f32_chunk(
+                    Vector::Parameters,
+                    lo,
+                    &p[lo..hi],
+                ))),
+            }
+        })
+    });
+    let aggs: Vec<(u32, Arc<Vec<Vec<u8>>>)> = served
+        .aggregates
+        .iter()
+        .enumerate()
+        .skip(base as usize)
+        .map(|(r, a)| (r as u32, a.clone()))
+        .collect();
+    let enc = aggs.into_iter().flat_map(|(r, a)| {
+        let count = a.len() as u32;
+        (0..a.len()).map(move |i| ModelChunk {
+            kind: Some(model_chunk::Kind::EncryptedAggregate(
+                caduceus_proto::EncryptedAggregate {
+                    round: r,
+                    chunk_index: i as u32,
+                    chunk_count: count,
+                    data: a[i].clone(),
+                },
+            )),
+        })
+    });
+    let all: Vec<ModelChunk> = std::iter::once(first).chain(data).chain(enc).collect();
+    Box::pin(futures::stream::iter(all.into_iter().map(Ok)))
 }
 
 /// The tonic service.
@@ -836,7 +1145,38 @@ impl FederationService {
         }
         let evaluation = evaluation_from_proto(&header.evaluation.clone().unwrap_or_default())
             .map_err(Status::invalid_argument)?;
-        let (delta, control_delta) = if evaluation_only {
+        let mut encrypted = Vec::new();
+        let (delta, control_delta) = if let (Some(sa), false) = (&study.cfg.secagg, evaluation_only) {
+            if !header.secure_aggregation {
+                return Err(Status::failed_precondition(
+                    "this study runs secure aggregation: plaintext updates are refused (start the trainer \
+                     with --secure-aggregation tfhe --study-key PATH)",
+                ));
+            }
+            if header.key_fingerprint != sa.key_fingerprint.to_string() {
+                return Err(Status::failed_precondition(format!(
+                    "update encrypted under key {:?}, but this study's key fingerprint is {}",
+                    header.key_fingerprint, sa.key_fingerprint
+                )));
+            }
+            if header.num_parameters != expected_len {
+                return Err(Status::invalid_argument(format!(
+                    "update has {} parameters, the {} model has {expected_len}",
+                    header.num_parameters, study.cfg.arch
+                )));
+            }
+            if header.num_examples == 0 {
+                return Err(Status::invalid_argument(
+                    "num_examples is 0: an update must say how many examples trained it",
+                ));
+            }
+            encrypted = receive_encrypted(study, sa, &hospital, round, expected_len, &mut stream).await?;
+            (Vec::new(), None)
+        } else if !evaluation_only && header.secure_aggregation {
+            return Err(Status::failed_precondition(
+                "encrypted update, but secure aggregation is not enabled on this aggregator",
+            ));
+        } else if evaluation_only {
             if stream.message().await?.is_some() {
                 return Err(Status::invalid_argument(
                     "an evaluation-only update carries no parameter chunks",
@@ -902,6 +1242,7 @@ impl FederationService {
             local_steps: header.local_steps,
             train_loss: header.train_loss,
             privacy: header.privacy,
+            encrypted,
         };
         let count = {
             let mut st = study.state.lock().expect("state lock");
@@ -927,6 +1268,64 @@ impl FederationService {
             received: count,
         })
     }
+}
+
+/// Reads and validates an encrypted update: one caduceus-secagg message per data chunk, bound to this
+/// study, round, key and parameters, from the authenticated hospital, complete, of the model's length.
+async fn receive_encrypted(
+    study: &Study,
+    sa: &crate::config::SecAggConfig,
+    hospital: &str,
+    round: u32,
+    expected_len: u64,
+    stream: &mut Streaming<UpdateChunk>,
+) -> Result<Vec<Vec<u8>>, Status> {
+    let mut check = caduceus_secagg::Aggregator::new(&sa.params, &study.cfg.study_id, u64::from(round))
+        .map_err(|e| Status::internal(e.to_string()))?
+        .expect_key_fingerprint(sa.key_fingerprint);
+    let expected_chunks = sa.params.chunk_count(expected_len);
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut offset = 0u64;
+    while let Some(msg) = stream.message().await? {
+        let Some(update_chunk::Kind::Data(chunk)) = msg.kind else {
+            return Err(Status::invalid_argument("a second header in the update stream"));
+        };
+        let Some(data_chunk::Payload::Encrypted(bytes)) = chunk.payload else {
+            return Err(Status::invalid_argument(
+                "plaintext data chunk in an encrypted update (secure aggregation)",
+            ));
+        };
+        if chunk.vector != Vector::Parameters as i32 {
+            return Err(Status::invalid_argument(
+                "encrypted updates carry only the parameter delta",
+            ));
+        }
+        if chunk.offset != offset {
+            return Err(Status::invalid_argument(format!(
+                "encrypted chunk at byte offset {}, expected {offset} (chunks must be contiguous)",
+                chunk.offset
+            )));
+        }
+        if out.len() as u64 >= expected_chunks {
+            return Err(Status::invalid_argument(format!(
+                "more than the {expected_chunks} ciphertext chunks a {expected_len}-parameter delta has"
+            )));
+        }
+        let header = caduceus_secagg::wire::decode_hospital_chunk(&sa.params, &bytes)
+            .map_err(secagg_status)?
+            .header;
+        if header.total_values != expected_len {
+            return Err(Status::invalid_argument(format!(
+                "the ciphertext holds {} values, the {} model has {expected_len}",
+                header.total_values, study.cfg.arch
+            )));
+        }
+        check.add_chunk_from(hospital, &bytes, 1).map_err(secagg_status)?;
+        offset += bytes.len() as u64;
+        out.push(bytes.to_vec());
+    }
+    check.finish().map_err(secagg_status)?;
+    Ok(out)
 }
 
 type ModelStream = Pin<Box<dyn Stream<Item = Result<ModelChunk, Status>> + Send>>;
@@ -960,6 +1359,9 @@ impl Federation for FederationService {
             st.served.clone()
         };
         tracing::debug!(%hospital, round = req.round, "serving global model");
+        if study.cfg.secagg.is_some() {
+            return Ok(Response::new(secure_stream(&served, req.have_round)));
+        }
         let header = ModelChunk {
             kind: Some(model_chunk::Kind::Header(served.header.clone())),
         };

@@ -46,6 +46,24 @@ impl StrategyArg {
     }
 }
 
+/// Secure aggregation of the simulated study.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SecureAggregationArg {
+    /// Plaintext updates.
+    None,
+    /// TFHE: hospitals encrypt their deltas; the aggregator sums ciphertexts and never holds the key.
+    Tfhe,
+}
+
+impl SecureAggregationArg {
+    fn name(self) -> &'static str {
+        match self {
+            SecureAggregationArg::None => "none",
+            SecureAggregationArg::Tfhe => "tfhe",
+        }
+    }
+}
+
 /// Local optimiser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OptimizerArg {
@@ -143,6 +161,11 @@ pub struct SimulateArgs {
     /// DP-SGD and per-hospital privacy budgets.
     #[command(flatten)]
     pub dp: crate::simulate_dp::DpSimArgs,
+    /// Secure aggregation: `tfhe` generates the study key into the hospitals' work directories only,
+    /// runs the study on encrypted updates (FedAvg, FedProx, FairFed), and decrypts the final model on
+    /// the hospital side before the test evaluation.
+    #[arg(long, value_enum, default_value = "none")]
+    pub secure_aggregation: SecureAggregationArg,
 }
 
 impl SimulateArgs {
@@ -400,6 +423,17 @@ fn validate(args: &SimulateArgs) -> anyhow::Result<Arch> {
     if args.dp.enabled() && args.centralised {
         bail!("--dp-* options apply to the federated study, not to --centralised");
     }
+    if args.secure_aggregation == SecureAggregationArg::Tfhe {
+        if args.centralised {
+            bail!("--secure-aggregation applies to federated studies, not --centralised");
+        }
+        if args.strategy == StrategyArg::Scaffold {
+            bail!(
+                "--secure-aggregation tfhe supports --strategy fedavg, fedprox and fairfed, not scaffold \
+                 (SCAFFOLD's control variates are not encrypted)"
+            );
+        }
+    }
     if args.task == args.split_attribute && args.split == SchemeKind::Dirichlet {
         eprintln!("note: the split skews over the task's own label ({})", args.task);
     }
@@ -437,6 +471,7 @@ fn config_json(args: &SimulateArgs, prepared: &Prepared, mode: &str) -> serde_js
         "batch_size": args.batch_size,
         "optimizer": optimizer(args),
         "quorum_min": args.quorum_min,
+        "secure_aggregation": args.secure_aggregation.name(),
         "round_deadline_secs": args.round_deadline_secs,
         "image_root": prepared.image_root,
         "split": prepared.split_summary,
@@ -695,6 +730,10 @@ fn run_federated(
     if let Some(plan) = &dp_plan {
         agg.args(plan.aggregator_args());
     }
+    let secure = match args.secure_aggregation {
+        SecureAggregationArg::Tfhe => Some(secure::setup(args, &work, &names, &mut agg)?),
+        SecureAggregationArg::None => None,
+    };
     let mut children = Children(Vec::new());
     let mut agg_child = spawn_logged("the aggregator", agg, &logs.join("aggregator.log"), true)?;
     let agg_out = agg_child.stdout.take().context("aggregator stdout")?;
@@ -780,6 +819,9 @@ fn run_federated(
         }
         if let Some(plan) = &dp_plan {
             t.args(plan.trainer_args(i));
+        }
+        if let Some(sec) = &secure {
+            sec.trainer_args(&mut t, name);
         }
         let child = spawn_logged(name, t, &logs.join(format!("{name}.log")), false)?;
         children.0.push((name.clone(), child));
@@ -891,9 +933,102 @@ fn run_federated(
             }
         }
     }
-    let ckpt = caduceus_aggregation::ModelStore::open(&store)?
-        .load_round(args.rounds)
-        .context("reading the final checkpoint")?;
-    let model = Model::from_flat(arch, args.task.num_classes(), &ckpt.params)?;
+    let params = match &secure {
+        Some(sec) => sec.final_model(&store, args.rounds)?,
+        None => {
+            caduceus_aggregation::ModelStore::open(&store)?
+                .load_round(args.rounds)
+                .context("reading the final checkpoint")?
+                .params
+        }
+    };
+    let model = Model::from_flat(arch, args.task.num_classes(), &params)?;
     finish(args, prepared, &model, &mut rounds, started)
+}
+
+/// `--secure-aggregation tfhe`: file-based key handoff to the hospitals, and the hospital-side
+/// decryption of the final model.
+mod secure {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use anyhow::{Context, bail};
+
+    use super::SimulateArgs;
+
+    /// Clip bound of encrypted update values (the trainers' and aggregator's default).
+    const CLIP: f32 = 1.0;
+
+    pub(super) struct Secure {
+        keys: Vec<(String, PathBuf)>,
+        min_contributors: usize,
+    }
+
+    /// Generates the study key and writes one copy into each hospital's work directory (mode 0600);
+    /// the aggregator gets only the public fingerprint.
+    pub(super) fn setup(
+        args: &SimulateArgs,
+        work: &Path,
+        names: &[String],
+        agg: &mut Command,
+    ) -> anyhow::Result<Secure> {
+        let key = caduceus_secagg::StudyKey::generate(&args.study_id).context("generating the study key")?;
+        let mut keys = Vec::new();
+        for name in names {
+            let dir = work.join("state").join(name);
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("study.key");
+            key.save(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            keys.push((name.clone(), path));
+        }
+        agg.arg("--secure-aggregation")
+            .arg("tfhe")
+            .arg("--key-fingerprint")
+            .arg(key.fingerprint().to_string())
+            .arg("--secagg-clip")
+            .arg(CLIP.to_string());
+        let quorum = args.quorum_min.map_or(names.len(), |q| q as usize);
+        println!(
+            "secure aggregation (tfhe): study key {} written to the {} hospitals' work directories only",
+            key.fingerprint(),
+            names.len()
+        );
+        Ok(Secure {
+            keys,
+            min_contributors: quorum.clamp(1, 2),
+        })
+    }
+
+    impl Secure {
+        pub(super) fn trainer_args(&self, t: &mut Command, hospital: &str) {
+            if let Some((_, path)) = self.keys.iter().find(|(n, _)| n == hospital) {
+                t.arg("--secure-aggregation")
+                    .arg("tfhe")
+                    .arg("--study-key")
+                    .arg(path)
+                    .arg("--secagg-clip")
+                    .arg(CLIP.to_string())
+                    .arg("--secagg-min-contributors")
+                    .arg(self.min_contributors.to_string());
+            }
+        }
+
+        /// Acting as the first hospital (its key file): decrypts the final model from the model store.
+        pub(super) fn final_model(&self, store: &Path, rounds: u32) -> anyhow::Result<Vec<f32>> {
+            let (_, key) = self.keys.first().context("no hospital key")?;
+            let t = std::time::Instant::now();
+            let (round, params) =
+                caduceus_trainer::secure::model_from_store(store, key, CLIP, self.min_contributors)
+                    .context("decrypting the final model on the hospital side")?;
+            if round != rounds {
+                bail!("the model store ends at round {round}, not {rounds}");
+            }
+            println!(
+                "final model rebuilt on the hospital side from {rounds} encrypted aggregates in {:.2} s",
+                t.elapsed().as_secs_f64()
+            );
+            Ok(params)
+        }
+    }
 }

@@ -53,8 +53,8 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("self.aggregation.strategy != 'FairFed' || (has(self.task.sensitiveAttributes) && size(self.task.sensitiveAttributes) > 0)")
         .message("task.sensitiveAttributes must name at least one attribute when aggregation.strategy is FairFed")
         .field_path(".task.sensitiveAttributes"),
-    validation = Rule::new("!(self.secureAggregation.mode == 'Tfhe' && self.aggregation.strategy in ['TrimmedMean', 'Median'])")
-        .message("secureAggregation.mode Tfhe cannot be combined with aggregation.strategy TrimmedMean or Median: those rules must read individual updates")
+    validation = Rule::new("!(self.secureAggregation.mode == 'Tfhe' && self.aggregation.strategy in ['TrimmedMean', 'Median', 'Scaffold'])")
+        .message("secureAggregation.mode Tfhe cannot be combined with aggregation.strategy TrimmedMean, Median or Scaffold: TrimmedMean and Median must read individual updates, and Scaffold's control variates are not encrypted")
         .field_path(".secureAggregation.mode")
 )]
 pub struct FederatedStudySpec {

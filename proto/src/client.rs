@@ -76,6 +76,19 @@ pub struct GlobalModel {
     pub control: Option<Vec<f32>>,
 }
 
+/// The global model of one round of a secure-aggregation study, as served: optional plaintext
+/// parameters of round `header.secure_aggregation.base_round` and the encrypted aggregates of the rounds
+/// from there to `header.round` (the hospital decrypts and applies them; see `caduceus-trainer`).
+#[derive(Debug, Clone)]
+pub struct SecureGlobalModel {
+    pub header: ModelHeader,
+    pub info: crate::SecureAggregation,
+    /// Plaintext parameters of the base round (the public initial model), when sent.
+    pub base_params: Option<Vec<f32>>,
+    /// `(closed round, aggregate chunks in order)`, ascending rounds, contiguous from the base round.
+    pub aggregates: Vec<(u32, Vec<Vec<u8>>)>,
+}
+
 /// An mTLS client of one study's aggregator.
 #[derive(Debug, Clone)]
 pub struct FederationClient {
@@ -149,6 +162,7 @@ impl FederationClient {
         let req = GetGlobalModelRequest {
             study_id: self.study_id.clone(),
             round,
+            have_round: None,
         };
         let mut stream = self.inner.get_global_model(req).await?.into_inner();
         let header = match stream.message().await? {
@@ -161,6 +175,13 @@ impl FederationClient {
                 ));
             }
         };
+        if header.secure_aggregation.is_some() {
+            return Err(ClientError::Protocol(
+                "the aggregator runs secure aggregation (encrypted aggregates): configure \
+                 --secure-aggregation tfhe and --study-key"
+                    .into(),
+            ));
+        }
         let n = header.num_parameters;
         let mut params = VectorAssembler::new(Vector::Parameters, n);
         let mut control = header
@@ -199,6 +220,139 @@ impl FederationClient {
             params,
             control,
         })
+    }
+
+    /// Downloads round `round`'s model of a secure-aggregation study. With `have_round`, the caller
+    /// already holds the decrypted model of that round and only needs the aggregates after it.
+    pub async fn fetch_secure_model(
+        &mut self,
+        round: u32,
+        have_round: Option<u32>,
+    ) -> Result<SecureGlobalModel, ClientError> {
+        let req = GetGlobalModelRequest {
+            study_id: self.study_id.clone(),
+            round,
+            have_round,
+        };
+        let mut stream = self.inner.get_global_model(req).await?.into_inner();
+        let header = match stream.message().await? {
+            Some(crate::ModelChunk {
+                kind: Some(model_chunk::Kind::Header(h)),
+            }) => h,
+            _ => {
+                return Err(ClientError::Protocol(
+                    "the model stream did not start with a header".into(),
+                ));
+            }
+        };
+        let info = header.secure_aggregation.clone().ok_or_else(|| {
+            ClientError::Protocol(
+                "secure aggregation is configured here, but the aggregator serves a plaintext study".into(),
+            )
+        })?;
+        if info.base_round > round {
+            return Err(ClientError::Protocol(format!(
+                "base round {} is after round {round}",
+                info.base_round
+            )));
+        }
+        let n = header.num_parameters;
+        let mut params: Option<VectorAssembler> = None;
+        let mut aggregates: Vec<(u32, Vec<Vec<u8>>)> = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            match msg.kind {
+                Some(model_chunk::Kind::Data(chunk)) => {
+                    if !aggregates.is_empty() {
+                        return Err(ClientError::Protocol(
+                            "plaintext parameters after the encrypted aggregates".into(),
+                        ));
+                    }
+                    params
+                        .get_or_insert_with(|| VectorAssembler::new(Vector::Parameters, n))
+                        .push(&chunk)?;
+                }
+                Some(model_chunk::Kind::EncryptedAggregate(a)) => {
+                    let expected_round = info.base_round + aggregates.len() as u32;
+                    match aggregates.last_mut() {
+                        Some((r, chunks)) if *r == a.round && chunks.len() as u32 == a.chunk_index => {
+                            chunks.push(a.data);
+                        }
+                        _ if a.round == expected_round && a.chunk_index == 0 => {
+                            aggregates.push((a.round, vec![a.data]));
+                        }
+                        _ => {
+                            return Err(ClientError::Protocol(format!(
+                                "encrypted aggregate chunk {} of round {} out of order",
+                                a.chunk_index, a.round
+                            )));
+                        }
+                    }
+                }
+                _ => {
+                    return Err(ClientError::Protocol(
+                        "a second header in the model stream".into(),
+                    ));
+                }
+            }
+        }
+        if info.base_round + aggregates.len() as u32 != round {
+            return Err(ClientError::Protocol(format!(
+                "expected the encrypted aggregates of rounds {}..{round}, got {}",
+                info.base_round,
+                aggregates.len()
+            )));
+        }
+        let base_params = params.map(VectorAssembler::finish).transpose()?;
+        if let Some(p) = &base_params {
+            let digest = sha256_f32(p);
+            if digest != header.parameters_sha256 {
+                return Err(ClientError::Protocol(format!(
+                    "base model digest mismatch: header says {}, received data hashes to {digest}",
+                    header.parameters_sha256
+                )));
+            }
+        }
+        Ok(SecureGlobalModel {
+            header,
+            info,
+            base_params,
+            aggregates,
+        })
+    }
+
+    /// Sends an encrypted update (secure aggregation): the header, then one data chunk per
+    /// caduceus-secagg hospital message. `header.secure_aggregation` is set; the caller sets
+    /// `key_fingerprint` and `num_parameters`.
+    pub async fn submit_encrypted(
+        &mut self,
+        mut header: UpdateHeader,
+        messages: &[Vec<u8>],
+    ) -> Result<SubmitUpdateResponse, ClientError> {
+        header.study_id = self.study_id.clone();
+        header.secure_aggregation = true;
+        header.has_control = false;
+        let mut msgs = Vec::with_capacity(1 + messages.len());
+        msgs.push(UpdateChunk {
+            kind: Some(update_chunk::Kind::Header(header)),
+        });
+        let mut offset = 0u64;
+        for m in messages {
+            msgs.push(UpdateChunk {
+                kind: Some(update_chunk::Kind::Data(crate::DataChunk {
+                    vector: Vector::Parameters as i32,
+                    offset,
+                    payload: Some(crate::data_chunk::Payload::Encrypted(bytes::Bytes::from(
+                        m.clone(),
+                    ))),
+                })),
+            });
+            offset += m.len() as u64;
+        }
+        Ok(self
+            .inner
+            .submit_update(futures::stream::iter(msgs))
+            .await?
+            .into_inner())
     }
 
     /// Sends an update: the header, then the parameter delta and (SCAFFOLD) the control delta in

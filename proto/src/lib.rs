@@ -14,7 +14,7 @@ pub mod v1 {
 pub mod client;
 pub mod convert;
 
-pub use client::{ClientError, ClientTls, FederationClient, GlobalModel};
+pub use client::{ClientError, ClientTls, FederationClient, GlobalModel, SecureGlobalModel};
 pub use convert::{Evaluation, evaluation_from_proto, evaluation_to_proto};
 pub use tonic::Code;
 pub use v1::*;

@@ -40,6 +40,7 @@
 //! key-file parser, and does not depend on tfhe.
 
 pub mod aggregate;
+pub mod bundle;
 #[cfg(feature = "crypto")]
 pub mod decrypt;
 #[cfg(feature = "crypto")]
@@ -51,6 +52,7 @@ pub mod quant;
 pub mod wire;
 
 pub use aggregate::{Accepted, Aggregator};
+pub use bundle::{decode_bundle, encode_bundle};
 #[cfg(feature = "crypto")]
 pub use decrypt::{AcceptPolicy, DecryptedAggregate, Decryptor};
 #[cfg(feature = "crypto")]
@@ -90,6 +92,21 @@ pub fn integer_weights(weights: &[f64], total: u32) -> Result<Vec<u32>, Error> {
     Ok(out)
 }
 
+/// The public integer weights of one secure-aggregation round: the real weights themselves when they
+/// are whole numbers (e.g. FedAvg example counts) summing to at most `total` — then the encrypted
+/// weighted mean is exactly the plaintext one up to quantisation — otherwise
+/// [`integer_weights`]`(weights, total)`.
+pub fn round_weights(weights: &[f64], total: u32) -> Result<Vec<u32>, Error> {
+    let exact = weights
+        .iter()
+        .all(|w| w.is_finite() && *w >= 1.0 && w.fract() == 0.0)
+        && weights.iter().sum::<f64>() <= f64::from(total);
+    if exact && !weights.is_empty() {
+        return Ok(weights.iter().map(|&w| w as u32).collect());
+    }
+    integer_weights(weights, total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +122,12 @@ mod tests {
         assert!(integer_weights(&[f64::NAN], 10).is_err());
         assert!(integer_weights(&[0.0, 0.0], 10).is_err());
         assert!(integer_weights(&[], 10).is_err());
+    }
+
+    #[test]
+    fn round_weights_keep_small_counts_exact() {
+        assert_eq!(round_weights(&[300.0, 200.0], 1024).unwrap(), vec![300, 200]);
+        assert_eq!(round_weights(&[3000.0, 1000.0], 1024).unwrap(), vec![768, 256]);
+        assert_eq!(round_weights(&[0.5, 0.5], 1024).unwrap(), vec![512, 512]);
     }
 }

@@ -51,6 +51,15 @@ pub enum OptimizerName {
     Sgd,
 }
 
+/// Secure aggregation mode (must match the aggregator's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SecureAggregationMode {
+    /// Plaintext deltas.
+    None,
+    /// Encrypt every delta under the study key (TFHE/GLWE); decrypt the aggregates the aggregator serves.
+    Tfhe,
+}
+
 /// Trains on one hospital's data and sends only model updates and aggregate evaluation counts to the
 /// study's aggregator.
 #[derive(Parser, Debug, Clone)]
@@ -142,6 +151,20 @@ pub struct TrainerArgs {
     /// DP-SGD and the privacy budget.
     #[command(flatten)]
     pub dp: crate::dp::DpArgs,
+    /// Secure aggregation: with `tfhe` the delta leaves the hospital only encrypted under the study key,
+    /// and the hospital decrypts each round's aggregate itself (needs --study-key).
+    #[arg(long, env = "CADUCEUS_SECURE_AGGREGATION", value_enum, default_value = "none")]
+    pub secure_aggregation: SecureAggregationMode,
+    /// The study key file (hospitals only; mode 0600). Never sent anywhere.
+    #[arg(long, env = "CADUCEUS_STUDY_KEY")]
+    pub study_key: Option<PathBuf>,
+    /// Per-coordinate clip bound of encrypted update values (must match the aggregator's).
+    #[arg(long, env = "CADUCEUS_SECAGG_CLIP", default_value_t = 1.0)]
+    pub secagg_clip: f32,
+    /// Refuse to decrypt an aggregate with fewer contributors than this (an aggregator could otherwise
+    /// have a single hospital's update decrypted).
+    #[arg(long, env = "CADUCEUS_SECAGG_MIN_CONTRIBUTORS", default_value_t = 2)]
+    pub secagg_min_contributors: usize,
 }
 
 impl TrainerArgs {
@@ -184,6 +207,21 @@ impl TrainerArgs {
             if !p.is_file() {
                 bail!("{flag} {} does not exist or is not a file", p.display());
             }
+        }
+        match (self.secure_aggregation, &self.study_key) {
+            (SecureAggregationMode::Tfhe, None) => {
+                bail!("--secure-aggregation tfhe needs --study-key (the study key file)")
+            }
+            (SecureAggregationMode::Tfhe, Some(p)) if !p.is_file() => {
+                bail!("--study-key {} does not exist or is not a file", p.display())
+            }
+            (SecureAggregationMode::None, Some(_)) => {
+                bail!("--study-key is only used with --secure-aggregation tfhe")
+            }
+            _ => {}
+        }
+        if self.secure_aggregation == SecureAggregationMode::Tfhe && self.secagg_min_contributors == 0 {
+            bail!("--secagg-min-contributors must be at least 1");
         }
         Ok(())
     }

@@ -13,8 +13,9 @@ pub mod config;
 pub mod dp;
 pub mod eval;
 pub mod run;
+pub mod secure;
 
-pub use config::{RoundSpec, TrainerArgs};
+pub use config::{RoundSpec, SecureAggregationMode, TrainerArgs};
 pub use eval::evaluate_counts;
 pub use run::run;
 

@@ -51,6 +51,8 @@ struct Pending {
     header: UpdateHeader,
     delta: Vec<f32>,
     control_delta: Option<Vec<f32>>,
+    /// Secure aggregation: the encrypted delta (sent instead of `delta`, which stays empty).
+    encrypted: Option<Vec<Vec<u8>>>,
 }
 
 struct Trainer<'r> {
@@ -61,6 +63,8 @@ struct Trainer<'r> {
     local_control: Option<Vec<f32>>,
     reports: &'r mut Vec<RoundReport>,
     accounting: crate::dp::Accounting,
+    /// Secure aggregation (TFHE): key and the newest rebuilt model.
+    secure: Option<crate::secure::SecureSession>,
 }
 
 fn load_set(
@@ -168,7 +172,12 @@ impl Trainer<'_> {
         let r = self
             .retry("submit update", |mut c| {
                 let h = p.header.clone();
-                async move { c.submit(h, Some(&p.delta), p.control_delta.as_deref()).await }
+                async move {
+                    match &p.encrypted {
+                        Some(msgs) => c.submit_encrypted(h, msgs).await,
+                        None => c.submit(h, Some(&p.delta), p.control_delta.as_deref()).await,
+                    }
+                }
             })
             .await;
         match r {
@@ -184,13 +193,48 @@ impl Trainer<'_> {
         }
     }
 
-    async fn fetch(&self, round: u32) -> anyhow::Result<GlobalModel> {
+    async fn fetch(&mut self, round: u32) -> anyhow::Result<GlobalModel> {
+        if self.secure.is_some() {
+            return self.fetch_secure(round).await;
+        }
         self.retry(
             "fetch global model",
             |mut c| async move { c.fetch_model(round).await },
         )
         .await
         .with_context(|| format!("fetching the global model of round {round}"))
+    }
+
+    /// Secure aggregation: fetches the encrypted aggregates this hospital lacks and rebuilds the model.
+    async fn fetch_secure(&mut self, round: u32) -> anyhow::Result<GlobalModel> {
+        let have = self.secure.as_ref().and_then(|s| s.have_round());
+        let sgm = self
+            .retry("fetch global model", |mut c| async move {
+                c.fetch_secure_model(round, have).await
+            })
+            .await
+            .with_context(|| format!("fetching the encrypted aggregates of round {round}"))?;
+        let mut sec = self.secure.take().expect("secure session");
+        let (sec, out) = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let r = sec.model_for(&sgm).map(|p| (sgm.header, p));
+            tracing::info!(
+                round,
+                aggregates = sgm.aggregates.len(),
+                seconds = t.elapsed().as_secs_f64(),
+                "decrypted"
+            );
+            (sec, r)
+        })
+        .await
+        .context("decryption task panicked")?;
+        self.secure = Some(sec);
+        let (header, params) = out?;
+        Ok(GlobalModel {
+            header,
+            params,
+            control: None,
+        })
     }
 
     /// One round: evaluate, then (unless evaluation-only) train and send. Returns the pending update.
@@ -305,6 +349,7 @@ impl Trainer<'_> {
                     header: uh,
                     delta: Vec::new(),
                     control_delta: None,
+                    encrypted: None,
                 })
                 .await?;
                 None
@@ -327,12 +372,16 @@ impl Trainer<'_> {
                     report.privacy = Some(rp);
                 }
                 let control_delta = outcome.control.as_ref().map(|c| c.delta.clone());
-                let p = Pending {
+                let mut p = Pending {
                     round,
                     header: uh,
                     delta,
                     control_delta,
+                    encrypted: None,
                 };
+                if let Some(sec) = &self.secure {
+                    encrypt_pending(sec, &mut p)?;
+                }
                 self.send(&p).await?;
                 if let Some(c) = outcome.control {
                     if let Some(dir) = &self.args.state_dir {
@@ -400,8 +449,19 @@ async fn run_inner(args: TrainerArgs, reports: &mut Vec<RoundReport>) -> anyhow:
         }
     };
     let accounting = crate::dp::Accounting::open(&args.dp, args.state_dir.as_deref())?;
+    let secure = match (secure_mode(&args), &args.study_key) {
+        (true, Some(path)) => Some(crate::secure::SecureSession::open(
+            path,
+            &args.study_id,
+            &args.hospital,
+            args.secagg_clip,
+            args.secagg_min_contributors,
+        )?),
+        _ => None,
+    };
     let mut t = Trainer {
         accounting,
+        secure,
         client,
         train: Arc::new(train),
         val: Arc::new(val),
@@ -456,6 +516,31 @@ async fn run_inner(args: TrainerArgs, reports: &mut Vec<RoundReport>) -> anyhow:
         round += 1;
     };
     Ok(message)
+}
+
+fn secure_mode(args: &TrainerArgs) -> bool {
+    args.secure_aggregation == crate::config::SecureAggregationMode::Tfhe
+}
+
+/// Replaces the plaintext delta of `p` by its encryption (the plaintext never leaves the hospital).
+fn encrypt_pending(sec: &crate::secure::SecureSession, p: &mut Pending) -> anyhow::Result<()> {
+    if p.control_delta.is_some() {
+        bail!("secure aggregation does not support SCAFFOLD (control variates)");
+    }
+    let t = Instant::now();
+    let msgs = sec.encrypt(p.round, &p.delta)?;
+    tracing::info!(
+        round = p.round,
+        bytes = msgs.iter().map(Vec::len).sum::<usize>(),
+        seconds = t.elapsed().as_secs_f64(),
+        "update encrypted"
+    );
+    p.header.num_parameters = p.delta.len() as u64;
+    p.header.key_fingerprint = sec.fingerprint_hex();
+    p.header.secure_aggregation = true;
+    p.encrypted = Some(msgs);
+    p.delta = Vec::new();
+    Ok(())
 }
 
 /// Runs the trainer; returns the exit code (0 success, 1 failure) after writing the summary.
