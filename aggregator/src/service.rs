@@ -200,6 +200,28 @@ fn phase_code(p: &Phase) -> u8 {
     }
 }
 
+/// The metadata of a checkpoint of this study holding the model of `round`.
+fn checkpoint_meta(
+    cfg: &StudyConfig,
+    specs: &[TensorMeta],
+    round: u32,
+    extra: serde_json::Value,
+) -> CheckpointMeta {
+    CheckpointMeta {
+        format_version: caduceus_aggregation::checkpoint::FORMAT_VERSION,
+        study_id: cfg.study_id.clone(),
+        round,
+        total_rounds: cfg.rounds,
+        arch: cfg.arch.name().to_string(),
+        strategy: cfg.strategy,
+        tensors: specs.to_vec(),
+        params_sha256: String::new(),
+        control_sha256: None,
+        created_unix_ms: now_unix_ms(),
+        extra,
+    }
+}
+
 fn record_name(round: u32) -> String {
     format!("round-{round:06}.json")
 }
@@ -292,18 +314,11 @@ impl Study {
                 };
                 let control = cfg.strategy.uses_control().then(|| vec![0.0; params.len()]);
                 let c = Checkpoint {
-                    meta: CheckpointMeta {
-                        format_version: caduceus_aggregation::checkpoint::FORMAT_VERSION,
-                        study_id: cfg.study_id.clone(),
-                        round: 0,
-                        total_rounds: cfg.rounds,
-                        arch: cfg.arch.name().to_string(),
-                        strategy: cfg.strategy,
-                        tensors: specs.clone(),
-                        params_sha256: String::new(),
-                        control_sha256: None,
-                        created_unix_ms: now_unix_ms(),
-                        extra: match &cfg.secagg {
+                    meta: checkpoint_meta(
+                        &cfg,
+                        &specs,
+                        0,
+                        match &cfg.secagg {
                             Some(sa) => serde_json::json!({"secure_aggregation": {
                                 "key_fingerprint": sa.key_fingerprint.to_string(),
                                 "params_fingerprint": sa.params.fingerprint().to_string(),
@@ -312,7 +327,7 @@ impl Study {
                             }}),
                             None => serde_json::json!({}),
                         },
-                    },
+                    ),
                     params,
                     control,
                 };
@@ -727,23 +742,16 @@ impl Study {
             .map_err(|e| e.to_string())?;
         let next_round = round + 1;
         let ckpt = Checkpoint {
-            meta: CheckpointMeta {
-                format_version: caduceus_aggregation::checkpoint::FORMAT_VERSION,
-                study_id: self.cfg.study_id.clone(),
-                round: next_round,
-                total_rounds: self.cfg.rounds,
-                arch: self.cfg.arch.name().to_string(),
-                strategy: self.cfg.strategy,
-                tensors: self.specs.clone(),
-                params_sha256: String::new(),
-                control_sha256: None,
-                created_unix_ms: now_unix_ms(),
-                extra: serde_json::json!({
+            meta: checkpoint_meta(
+                &self.cfg,
+                &self.specs,
+                next_round,
+                serde_json::json!({
                     "closed_round": round,
                     "participants": participants,
                     "fairfed_weights": fairfed,
                 }),
-            },
+            ),
             params: state.params,
             control: state.control,
         };
@@ -860,18 +868,11 @@ impl Study {
             Some(digest.as_str())
         );
         let ckpt = Checkpoint {
-            meta: CheckpointMeta {
-                format_version: caduceus_aggregation::checkpoint::FORMAT_VERSION,
-                study_id: self.cfg.study_id.clone(),
-                round: next_round,
-                total_rounds: self.cfg.rounds,
-                arch: self.cfg.arch.name().to_string(),
-                strategy: self.cfg.strategy,
-                tensors: self.specs.clone(),
-                params_sha256: String::new(),
-                control_sha256: None,
-                created_unix_ms: now_unix_ms(),
-                extra: serde_json::json!({
+            meta: checkpoint_meta(
+                &self.cfg,
+                &self.specs,
+                next_round,
+                serde_json::json!({
                     "closed_round": round,
                     "participants": participants,
                     "fairfed_weights": fairfed,
@@ -885,7 +886,7 @@ impl Study {
                         "aggregates": listed,
                     },
                 }),
-            },
+            ),
             params: served.params.as_ref().clone(),
             control: None,
         };
