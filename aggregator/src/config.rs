@@ -150,6 +150,11 @@ pub struct AggregatorArgs {
     /// Write a one-line JSON summary here on exit (success or failure).
     #[arg(long, env = "CADUCEUS_SUMMARY_PATH")]
     pub summary_path: Option<PathBuf>,
+    /// Write a compact JSON result of the last round here on exit (at most 4 KiB: its status, the
+    /// hospitals aggregated, accuracy, loss and per-attribute fairness gaps). Pointed at the
+    /// container's termination-message path, it is how the operator learns a round's outcome.
+    #[arg(long, env = "CADUCEUS_RESULT_FILE")]
+    pub result_file: Option<PathBuf>,
     /// After the last training round, let hospitals evaluate the final model (an evaluation-only round).
     #[arg(long, env = "CADUCEUS_FINAL_EVALUATION", default_value_t = true, action = ArgAction::Set)]
     pub final_evaluation: bool,

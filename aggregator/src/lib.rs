@@ -9,6 +9,7 @@
 //! logs go to standard error.
 
 pub mod config;
+pub mod result;
 pub mod service;
 
 use std::path::Path;
@@ -101,6 +102,7 @@ async fn run_validated(args: &AggregatorArgs, cfg: StudyConfig) -> anyhow::Resul
     if phase == Phase::Completed {
         tracing::info!("the model store holds a completed study; nothing to do");
         write_summary(args.summary_path.as_deref(), &study.summary(&Ok(())));
+        result::write(args.result_file.as_deref(), &study, &Ok(()), args.min_group_size);
         return Ok(exit::SUCCESS);
     }
     tracing::info!(
@@ -158,6 +160,7 @@ async fn run_validated(args: &AggregatorArgs, cfg: StudyConfig) -> anyhow::Resul
         Err(e) => tracing::error!("{e}"),
     }
     write_summary(args.summary_path.as_deref(), &study.summary(&result));
+    result::write(args.result_file.as_deref(), &study, &result, args.min_group_size);
     if code != exit::INTERRUPTED {
         tokio::time::sleep(Duration::from_secs(args.linger_secs)).await;
     }

@@ -148,30 +148,9 @@ pub struct HospitalClientStatus {
     /// Epsilon left in the budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon_remaining: Option<f64>,
-    /// The privacy ledger: every mechanism run on this hospital's data.
+    /// The privacy ledger: every mechanism run on this hospital's data, with the rounds it covers
+    /// and reservations of rounds that are running (see `caduceus_privacy::ledger`). Identical
+    /// mechanisms are merged and rounds kept as ranges, so it stays small after thousands of rounds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ledger: Option<PrivacyLedgerStatus>,
-}
-
-/// The privacy ledger as stored in status. Identical mechanisms are grouped, so its size grows with the
-/// number of distinct (noise multiplier, sample rate) pairs, not with the number of rounds.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct PrivacyLedgerStatus {
-    /// Grouped mechanisms.
-    #[serde(default)]
-    pub mechanisms: Vec<LedgerMechanism>,
-    /// Rounds already recorded, as `studyNamespace/study/round`, so a retried round never counts twice.
-    /// Compacted per study into ranges by the ledger library.
-    #[serde(default)]
-    pub recorded: Vec<String>,
-}
-
-/// One group of identical Poisson-subsampled Gaussian mechanisms.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct LedgerMechanism {
-    pub noise_multiplier: f64,
-    pub sample_rate: f64,
-    pub steps: u64,
+    pub ledger: Option<caduceus_privacy::ledger::PrivacyLedger>,
 }

@@ -330,6 +330,13 @@ pub struct PrivacySpec {
     /// Privacy accountant.
     #[serde(default)]
     pub accountant: Accountant,
+    /// Poisson sampling rate q of DP-SGD: each example joins each step's batch with this
+    /// probability (the expected batch is q times the hospital's training examples; `batchSize` is
+    /// not used under DP). Known before any data is read, so the operator can check every
+    /// hospital's projected epsilon before a round starts.
+    #[serde(default = "default_sample_rate")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("sampleRate must be in (0, 1]"))]
+    pub sample_rate: f64,
 }
 
 impl Default for PrivacySpec {
@@ -341,8 +348,13 @@ impl Default for PrivacySpec {
             clip_norm: default_clip_norm(),
             delta: default_delta(),
             accountant: Accountant::Pld,
+            sample_rate: default_sample_rate(),
         }
     }
+}
+
+fn default_sample_rate() -> f64 {
+    0.01
 }
 
 fn default_true() -> bool {
@@ -450,6 +462,24 @@ pub struct ImagesSpec {
     pub aggregator: Option<String>,
 }
 
+/// The per-round DP-SGD mechanism of a study.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrivacyPlan {
+    /// Noise multiplier sigma.
+    pub noise_multiplier: f64,
+    /// Poisson sampling rate q.
+    pub sample_rate: f64,
+    /// DP-SGD steps per hospital per round.
+    pub steps_per_round: u64,
+    /// Clip norm C.
+    pub clip_norm: f64,
+    /// delta of the reported epsilon.
+    pub delta: f64,
+    /// Epsilon of the whole planned study for one hospital that takes part in every round.
+    pub planned_epsilon: f64,
+}
+
 /// Observed state of a study.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -482,4 +512,8 @@ pub struct FederatedStudyStatus {
     /// Epsilon spent by this study per hospital (`namespace/name`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub epsilon_spent: BTreeMap<String, f64>,
+    /// The DP-SGD mechanism each hospital runs per round, fixed when the study starts (the noise
+    /// multiplier derived from `privacy.targetEpsilon` for the whole planned schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_plan: Option<PrivacyPlan>,
 }

@@ -12,12 +12,14 @@ pub mod audit;
 pub mod counts;
 pub mod fairfed;
 pub mod metrics;
+pub mod outcome;
 pub mod report;
 pub mod results;
 pub mod verdict;
 
 pub use counts::{ConfusionCounts, GroupCounts, INTERSECTION_SEP, intersection_key, one_vs_rest};
 pub use metrics::{AttributeMetrics, DEFAULT_MIN_GROUP_SIZE, FairnessMetric, FairnessMetrics, GroupMetrics};
+pub use outcome::{AttributeGaps, RoundOutcome};
 pub use results::{ResultsError, RoundResult, StudyResults};
 pub use verdict::{FairnessThresholds, Outcome, Verdict, verdict};
 

@@ -1,19 +1,218 @@
-//! The Caduceus operator.
-use clap::Parser;
+//! `caduceus-operator`: runs the study, round and hospital controllers while it holds the leader
+//! Lease, and serves `/metrics`, `/healthz` and `/readyz`.
 
-/// Reconciles FederatedStudy, HospitalClient and TrainingRound resources.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound};
+use caduceus_operator::build::{EndpointMode, Settings};
+use caduceus_operator::leader::LeaderElector;
+use caduceus_operator::telemetry::{self, Metrics};
+use caduceus_operator::{Context, hospital, names, round, study};
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+
 #[derive(Parser, Debug)]
 #[command(name = "caduceus-operator", version, about)]
 struct Args {
-    /// Address for /metrics, /healthz and /readyz.
+    /// The operator's own namespace (the leader Lease and the studies' TFHE master keys live here).
+    #[arg(long, env = "CADUCEUS_NAMESPACE", default_value = "caduceus-system")]
+    namespace: String,
+    /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "CADUCEUS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
-    metrics_addr: String,
+    metrics_addr: SocketAddr,
+    /// Trainer image (a study's spec.images.trainer overrides it).
+    #[arg(long, env = "CADUCEUS_TRAINER_IMAGE", default_value = concat!("caduceus-trainer:", env!("CARGO_PKG_VERSION")))]
+    trainer_image: String,
+    /// Aggregator image (a study's spec.images.aggregator overrides it).
+    #[arg(long, env = "CADUCEUS_AGGREGATOR_IMAGE", default_value = concat!("caduceus-aggregator:", env!("CARGO_PKG_VERSION")))]
+    aggregator_image: String,
+    /// How trainers reach the aggregator: `service` (cluster DNS) or `loopback` (the local test cluster).
+    #[arg(long, env = "CADUCEUS_ENDPOINT_MODE", value_enum, default_value = "service")]
+    endpoint_mode: EndpointMode,
+    /// Leader election: the Lease's name (in --namespace); `--leader-elect=false` runs without one.
+    #[arg(long, env = "CADUCEUS_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    #[arg(long, env = "CADUCEUS_LEASE_NAME", default_value = "caduceus-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name from HOSTNAME, else a random id).
+    #[arg(long, env = "CADUCEUS_IDENTITY")]
+    identity: Option<String>,
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, env = "CADUCEUS_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+    /// Log as JSON lines.
+    #[arg(long, env = "CADUCEUS_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
+    log_json: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn job_to_round(job: Job) -> Option<ObjectRef<TrainingRound>> {
+    let l = job.metadata.labels?;
+    let study = l.get(names::LABEL_STUDY)?;
+    let ns = l.get(names::LABEL_STUDY_NAMESPACE)?;
+    let round: u32 = l.get(names::LABEL_ROUND)?.parse().ok()?;
+    let attempt: u32 = l.get(names::LABEL_ATTEMPT)?.parse().ok()?;
+    Some(ObjectRef::new(&names::round_name(study, round, attempt)).within(ns))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::bail!(
-        "the operator's controllers are not built yet (metrics address {})",
-        args.metrics_addr
-    )
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    if args.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let m = metrics.clone();
+        let mut rx = stop_rx.clone();
+        let addr = args.metrics_addr;
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = telemetry::serve(addr, m, stop).await {
+                tracing::error!("metrics server: {e}");
+            }
+        });
+    }
+    client.apiserver_version().await?;
+    metrics.ready.store(true, Ordering::Relaxed);
+
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("caduceus-operator-{}", std::process::id()));
+    let ttl = Duration::from_secs(args.lease_seconds.max(3));
+    let elector = Arc::new(LeaderElector::new(
+        client.clone(),
+        &args.namespace,
+        &args.lease_name,
+        &identity,
+        ttl,
+    ));
+    if args.leader_elect {
+        tracing::info!(identity, lease = %args.lease_name, "waiting for leadership");
+        let acquire = async {
+            loop {
+                match elector.try_acquire_or_renew().await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("leader election: {e}"),
+                }
+                tokio::time::sleep(ttl / 5).await;
+            }
+        };
+        tokio::select! {
+            _ = acquire => {}
+            _ = shutdown_signal() => return Ok(()),
+        }
+        tracing::info!(identity, "acquired leadership");
+    }
+    metrics.leading.store(true, Ordering::Relaxed);
+
+    // Renew the Lease; stop acting (exit) as soon as it cannot be renewed in time, before another
+    // replica may take it over.
+    let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
+    if args.leader_elect {
+        let elector = elector.clone();
+        tokio::spawn(async move {
+            let mut last = Instant::now();
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match elector.try_acquire_or_renew().await {
+                    Ok(true) => last = Instant::now(),
+                    Ok(false) => {
+                        tracing::error!("lost the leader Lease to another replica");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    Err(e) => tracing::warn!("renewing the leader Lease: {e}"),
+                }
+                if last.elapsed() > ttl * 2 / 3 {
+                    tracing::error!("could not renew the leader Lease in time");
+                    let _ = lost_tx.send(true);
+                    return;
+                }
+            }
+        });
+    }
+
+    let settings = Settings {
+        operator_namespace: args.namespace.clone(),
+        trainer_image: args.trainer_image.clone(),
+        aggregator_image: args.aggregator_image.clone(),
+        endpoint_mode: args.endpoint_mode,
+        tracing: false,
+    };
+    let ctx = Arc::new(Context::new(client.clone(), settings, metrics.clone()));
+    let managed =
+        watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGED_BY));
+
+    let studies: Api<FederatedStudy> = Api::all(client.clone());
+    let rounds: Api<TrainingRound> = Api::all(client.clone());
+    let hospitals: Api<HospitalClient> = Api::all(client.clone());
+    let jobs: Api<Job> = Api::all(client.clone());
+
+    let stop_on = |rx: tokio::sync::watch::Receiver<bool>| async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let study_ctl = Controller::new(studies, watcher::Config::default())
+        .owns(rounds.clone(), watcher::Config::default())
+        .graceful_shutdown_on(stop_on(stop_rx.clone()))
+        .run(study::reconcile, study::error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let round_ctl = Controller::new(rounds, watcher::Config::default())
+        .watches(jobs, managed, job_to_round)
+        .graceful_shutdown_on(stop_on(stop_rx.clone()))
+        .run(round::reconcile, round::error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let hospital_ctl = Controller::new(hospitals, watcher::Config::default())
+        .graceful_shutdown_on(stop_on(stop_rx.clone()))
+        .run(hospital::reconcile, hospital::error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let controllers = async {
+        tokio::join!(study_ctl, round_ctl, hospital_ctl);
+    };
+    tokio::pin!(controllers);
+    tracing::info!("controllers started");
+    let lost = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = lost_rx.wait_for(|l| *l) => true,
+        _ = &mut controllers => false,
+    };
+    let _ = stop_tx.send(true);
+    if lost {
+        // Another replica may act now: stop at once.
+        std::process::exit(1);
+    }
+    tracing::info!("shutting down: finishing in-flight reconciliations");
+    let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    if args.leader_elect {
+        let _ = elector.step_down().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
 }

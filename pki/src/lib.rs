@@ -289,6 +289,15 @@ pub fn hospital_from_cert_der(der: &[u8]) -> Result<String, PkiError> {
     Ok(name)
 }
 
+/// The validity window of the first certificate in a PEM string, as Unix seconds
+/// `(not_before, not_after)`: the operator renews certificates well before `not_after`.
+pub fn validity_window(pem: &str) -> Result<(i64, i64), PkiError> {
+    let der = first_cert_der(pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// Extracts the DER bytes of the first certificate in a PEM string.
 pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     let (_, p) =

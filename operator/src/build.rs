@@ -1,0 +1,658 @@
+//! The build step of the pipeline: pure functions from a study, a round and the settings to the
+//! Kubernetes objects they want. Nothing here talks to the API server.
+
+use std::collections::BTreeMap;
+
+use caduceus_crds::study::{PrivacyPlan, SecureAggregationMode, SensitiveAttribute, Strategy};
+use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound, TrainingRoundSpec};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::names;
+use crate::plan;
+
+/// How trainers reach the aggregator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EndpointMode {
+    /// Through the aggregator's ClusterIP Service and cluster DNS (any real cluster).
+    Service,
+    /// Through 127.0.0.1 and the Service's allocated node port, with the Service's DNS name as TLS
+    /// server name: for the local test cluster, whose pods share the host network and have no DNS.
+    Loopback,
+}
+
+/// Operator-wide settings that shape the objects.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub operator_namespace: String,
+    pub trainer_image: String,
+    pub aggregator_image: String,
+    pub endpoint_mode: EndpointMode,
+    /// `TRACEPARENT` handed to workloads is built per round from this trace id prefix when tracing is on.
+    pub tracing: bool,
+}
+
+pub const TLS_DIR: &str = "/etc/caduceus/tls";
+pub const KEY_DIR: &str = "/etc/caduceus/study-key";
+pub const DATA_DIR: &str = "/var/lib/caduceus/data";
+pub const STORE_DIR: &str = "/var/lib/caduceus/store";
+pub const STATE_DIR: &str = "/var/lib/caduceus/state";
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+
+fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("the builders produce valid objects (tested)")
+}
+
+/// An owner reference that makes `owner` the controller of the object.
+pub fn controller_ref<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerReference {
+    owner.controller_owner_ref(&()).expect("owner has a name and uid")
+}
+
+fn env(pairs: Vec<(&str, String)>) -> Value {
+    Value::Array(
+        pairs
+            .into_iter()
+            .map(|(k, v)| json!({"name": k, "value": v}))
+            .collect(),
+    )
+}
+
+fn strategy_name(s: Strategy) -> &'static str {
+    match s {
+        Strategy::FedAvg => "fedavg",
+        Strategy::FedProx => "fedprox",
+        Strategy::Scaffold => "scaffold",
+        Strategy::FairFed => "fairfed",
+        Strategy::TrimmedMean => "trimmed-mean",
+        Strategy::Median => "median",
+    }
+}
+
+fn attribute_name(a: SensitiveAttribute) -> &'static str {
+    match a {
+        SensitiveAttribute::Race => "race",
+        SensitiveAttribute::AgeGroup => "age-group",
+        SensitiveAttribute::Gender => "gender",
+    }
+}
+
+fn arch_name(study: &FederatedStudy) -> String {
+    serde_json::to_value(study.spec.model.architecture)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "small-cnn".into())
+}
+
+/// The ServiceAccount aggregator pods run as: no token is mounted and no Role binds it.
+pub fn aggregator_service_account(study: &FederatedStudy) -> ServiceAccount {
+    let ns = study.namespace().unwrap_or_default();
+    from_json(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {
+            "name": names::AGGREGATOR_SERVICE_ACCOUNT,
+            "namespace": ns,
+            "labels": {names::LABEL_MANAGED_BY: names::MANAGED_BY},
+        },
+        "automountServiceAccountToken": false,
+    }))
+}
+
+/// The aggregator's Service. In loopback mode it is a NodePort Service, whose allocated port the
+/// aggregator listens on.
+pub fn aggregator_service(study: &FederatedStudy, settings: &Settings) -> Service {
+    let ns = study.namespace().unwrap_or_default();
+    let name = study.name_any();
+    let mut labels = names::study_labels(&ns, &name, "aggregator");
+    labels.remove(names::LABEL_STUDY_NAMESPACE);
+    let mut spec = json!({
+        "selector": labels,
+        "ports": [{"name": "grpc", "port": names::AGGREGATOR_PORT, "targetPort": names::AGGREGATOR_PORT, "protocol": "TCP"}],
+    });
+    if settings.endpoint_mode == EndpointMode::Loopback {
+        spec["type"] = json!("NodePort");
+    }
+    from_json(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {
+            "name": names::service(&name),
+            "namespace": ns,
+            "labels": names::study_labels(&ns, &name, "aggregator"),
+            "ownerReferences": [controller_ref(study)],
+        },
+        "spec": spec,
+    }))
+}
+
+/// A Secret with string data.
+pub fn secret(
+    name: &str,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+    owner: Option<OwnerReference>,
+    data: &[(&str, &[u8])],
+) -> Secret {
+    let mut s: Secret = from_json(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "type": "Opaque",
+    }));
+    if let Some(o) = owner {
+        s.metadata.owner_references = Some(vec![o]);
+    }
+    s.data = Some(
+        data.iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+            .collect(),
+    );
+    s
+}
+
+/// The TrainingRound the study wants next.
+pub fn training_round(
+    study: &FederatedStudy,
+    round: u32,
+    attempt: u32,
+    participants: Vec<String>,
+) -> TrainingRound {
+    let ns = study.namespace().unwrap_or_default();
+    let name = study.name_any();
+    let min = study
+        .spec
+        .rounds
+        .min_hospitals
+        .min(participants.len() as u32)
+        .max(1);
+    let mut tr = TrainingRound::new(
+        &names::round_name(&name, round, attempt),
+        TrainingRoundSpec {
+            study: name.clone(),
+            round,
+            attempt,
+            participants,
+            min_participants: min,
+        },
+    );
+    tr.metadata.namespace = Some(ns.clone());
+    tr.metadata.labels = Some(names::round_labels(&ns, &name, "round", round, attempt));
+    tr.metadata.owner_references = Some(vec![controller_ref(study)]);
+    tr
+}
+
+/// Where trainers dial and which name they verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: String,
+    pub server_name: String,
+    /// The port the aggregator listens on.
+    pub listen_port: i32,
+    pub listen_host: String,
+}
+
+/// The aggregator endpoint of a study, given its Service's node port (loopback mode).
+pub fn endpoint(study: &FederatedStudy, settings: &Settings, node_port: Option<i32>) -> Option<Endpoint> {
+    let ns = study.namespace().unwrap_or_default();
+    let dns = names::service_dns(&study.name_any(), &ns);
+    match settings.endpoint_mode {
+        EndpointMode::Service => Some(Endpoint {
+            address: format!("{dns}:{}", names::AGGREGATOR_PORT),
+            server_name: dns,
+            listen_port: names::AGGREGATOR_PORT,
+            listen_host: "0.0.0.0".into(),
+        }),
+        EndpointMode::Loopback => node_port.map(|p| Endpoint {
+            address: format!("127.0.0.1:{p}"),
+            server_name: dns,
+            listen_port: p,
+            listen_host: "127.0.0.1".into(),
+        }),
+    }
+}
+
+fn pod_security() -> Value {
+    json!({"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}})
+}
+
+fn container_security() -> Value {
+    json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}})
+}
+
+/// The aggregator Job of a round: serves training round `round` (0-based) of the study, resuming from
+/// the model store, then an evaluation of the new model, and exits with a compact outcome in its
+/// termination message.
+pub fn aggregator_job(
+    study: &FederatedStudy,
+    round: &TrainingRound,
+    settings: &Settings,
+    ep: &Endpoint,
+    hospital_ids: &[String],
+    key_fingerprint: Option<&str>,
+    traceparent: Option<&str>,
+) -> Job {
+    let ns = study.namespace().unwrap_or_default();
+    let name = study.name_any();
+    let s = &study.spec;
+    let r = round.spec.round;
+    let n = hospital_ids.len() as u32;
+    let store_path = s
+        .model_store
+        .path
+        .clone()
+        .unwrap_or_else(|| format!("/{}", names::study_id(&ns, &name)));
+    let (_, classes) = plan::task(s.task.label);
+    let mut e = vec![
+        ("CADUCEUS_STUDY_ID", names::study_id(&ns, &name)),
+        ("CADUCEUS_ROUNDS", (r + 1).to_string()),
+        (
+            "CADUCEUS_STRATEGY",
+            strategy_name(s.aggregation.strategy).to_string(),
+        ),
+        ("CADUCEUS_HOSPITALS", hospital_ids.join(",")),
+        (
+            "CADUCEUS_QUORUM_MIN",
+            round.spec.min_participants.min(n).max(1).to_string(),
+        ),
+        ("CADUCEUS_QUORUM_MAX", n.max(1).to_string()),
+        (
+            "CADUCEUS_ROUND_DEADLINE_SECS",
+            s.rounds.deadline_seconds.to_string(),
+        ),
+        ("CADUCEUS_TLS_CERT", format!("{TLS_DIR}/tls.crt")),
+        ("CADUCEUS_TLS_KEY", format!("{TLS_DIR}/tls.key")),
+        ("CADUCEUS_TLS_CA", format!("{TLS_DIR}/ca.crt")),
+        (
+            "CADUCEUS_MODEL_STORE",
+            format!("{STORE_DIR}{}", normalise_path(&store_path)),
+        ),
+        (
+            "CADUCEUS_LISTEN",
+            format!("{}:{}", ep.listen_host, ep.listen_port),
+        ),
+        ("CADUCEUS_ARCH", arch_name(study)),
+        ("CADUCEUS_NUM_CLASSES", classes.to_string()),
+        ("CADUCEUS_MIN_GROUP_SIZE", s.fairness.min_group_size.to_string()),
+        ("CADUCEUS_RESULT_FILE", TERMINATION_LOG.into()),
+        ("CADUCEUS_FINAL_EVALUATION", "true".into()),
+        ("CADUCEUS_LINGER_SECS", "10".into()),
+    ];
+    if let Some(mu) = s.aggregation.mu {
+        e.push(("CADUCEUS_FEDPROX_MU", mu.to_string()));
+    }
+    if let Some(b) = s.aggregation.beta {
+        e.push(("CADUCEUS_FAIRFED_BETA", b.to_string()));
+    }
+    if let Some(lr) = s.aggregation.server_learning_rate {
+        e.push(("CADUCEUS_SCAFFOLD_SERVER_LR", lr.to_string()));
+    }
+    if let Some(a) = s.task.sensitive_attributes.first() {
+        e.push(("CADUCEUS_FAIRFED_ATTRIBUTE", attribute_name(*a).into()));
+    }
+    if let Some(fp) = key_fingerprint {
+        e.push(("CADUCEUS_SECURE_AGGREGATION", "tfhe".into()));
+        e.push(("CADUCEUS_KEY_FINGERPRINT", fp.to_string()));
+    }
+    if let Some(tp) = traceparent {
+        e.push(("TRACEPARENT", tp.to_string()));
+    }
+    e.push(("RUST_LOG", "info".into()));
+    let job_name = names::aggregator_job(&round.name_any());
+    let labels = names::round_labels(&ns, &name, "aggregator", r, round.spec.attempt);
+    let mut pod_labels = labels.clone();
+    pod_labels.remove(names::LABEL_STUDY_NAMESPACE);
+    from_json(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {
+            "name": job_name, "namespace": ns, "labels": labels,
+            "ownerReferences": [controller_ref(round)],
+        },
+        "spec": {
+            "backoffLimit": 2,
+            "ttlSecondsAfterFinished": 86400,
+            // A missed quorum (1) or bad settings (2) are final; a crash retries and resumes from the
+            // model store's checkpoint.
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": "aggregator", "operator": "In", "values": [1, 2]}},
+            ]},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": names::AGGREGATOR_SERVICE_ACCOUNT,
+                    "automountServiceAccountToken": false,
+                    "securityContext": pod_security(),
+                    "containers": [{
+                        "name": "aggregator",
+                        "image": study.spec.images.as_ref().and_then(|i| i.aggregator.clone()).unwrap_or_else(|| settings.aggregator_image.clone()),
+                        "env": env(e),
+                        "ports": [{"name": "grpc", "containerPort": ep.listen_port}],
+                        "terminationMessagePath": TERMINATION_LOG,
+                        "terminationMessagePolicy": "File",
+                        "securityContext": container_security(),
+                        "volumeMounts": [
+                            {"name": "tls", "mountPath": TLS_DIR, "readOnly": true},
+                            {"name": "store", "mountPath": STORE_DIR},
+                        ],
+                    }],
+                    "volumes": [
+                        {"name": "tls", "secret": {"secretName": names::aggregator_tls_secret(&name), "defaultMode": 0o400}},
+                        {"name": "store", "persistentVolumeClaim": {"claimName": s.model_store.claim_name}},
+                    ],
+                },
+            },
+        },
+    }))
+}
+
+fn normalise_path(p: &str) -> String {
+    let trimmed = p.trim_end_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else if trimmed.starts_with('/') {
+        trimmed.to_string()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+/// A hospital's trainer Job for a round, in the hospital's namespace: its data volume read-only, its
+/// client certificate, the study key (secure aggregation only), no ServiceAccount token.
+#[allow(clippy::too_many_arguments)]
+pub fn trainer_job(
+    study: &FederatedStudy,
+    round: &TrainingRound,
+    hospital: &HospitalClient,
+    settings: &Settings,
+    ep: &Endpoint,
+    privacy: Option<&PrivacyPlan>,
+    traceparent: Option<&str>,
+) -> Job {
+    let sns = study.namespace().unwrap_or_default();
+    let name = study.name_any();
+    let hns = hospital.namespace().unwrap_or_default();
+    let s = &study.spec;
+    let r = round.spec.round;
+    let (task, _) = plan::task(s.task.label);
+    let sensitive: Vec<&str> = s
+        .task
+        .sensitive_attributes
+        .iter()
+        .map(|a| attribute_name(*a))
+        .collect();
+    let mut e = vec![
+        (
+            "CADUCEUS_HOSPITAL",
+            names::hospital_id(&hns, &hospital.name_any()),
+        ),
+        ("CADUCEUS_STUDY_ID", names::study_id(&sns, &name)),
+        (
+            "CADUCEUS_SHARD",
+            format!("{DATA_DIR}{}", normalise_path(&hospital.spec.data.path)),
+        ),
+        ("CADUCEUS_AGGREGATOR", ep.address.clone()),
+        ("CADUCEUS_SERVER_NAME", ep.server_name.clone()),
+        ("CADUCEUS_TLS_CERT", format!("{TLS_DIR}/tls.crt")),
+        ("CADUCEUS_TLS_KEY", format!("{TLS_DIR}/tls.key")),
+        ("CADUCEUS_TLS_CA", format!("{TLS_DIR}/ca.crt")),
+        ("CADUCEUS_ROUNDS", format!("{r}-{}", r + 1)),
+        ("CADUCEUS_TASK", task.into()),
+        ("CADUCEUS_BATCH_SIZE", s.training.batch_size.to_string()),
+        ("CADUCEUS_LR", s.training.learning_rate.to_string()),
+        (
+            "CADUCEUS_SEED",
+            (r as u64 * 1000 + round.spec.attempt as u64).to_string(),
+        ),
+        ("CADUCEUS_STATE_DIR", STATE_DIR.into()),
+        ("CADUCEUS_SUMMARY_PATH", TERMINATION_LOG.into()),
+        ("CADUCEUS_RETRY_SECS", s.rounds.deadline_seconds.to_string()),
+    ];
+    if !sensitive.is_empty() {
+        e.push(("CADUCEUS_SENSITIVE", sensitive.join(",")));
+    }
+    match privacy {
+        Some(p) => {
+            // The operator plans every DP step: the trainer runs exactly the steps it was charged for.
+            e.push(("CADUCEUS_LOCAL_STEPS", p.steps_per_round.to_string()));
+            e.push(("CADUCEUS_DP_NOISE_MULTIPLIER", p.noise_multiplier.to_string()));
+            e.push(("CADUCEUS_DP_SAMPLE_RATE", p.sample_rate.to_string()));
+            e.push(("CADUCEUS_DP_CLIP_NORM", p.clip_norm.to_string()));
+            e.push(("CADUCEUS_DP_DELTA", p.delta.to_string()));
+        }
+        None => {
+            if let Some(steps) = s.training.steps {
+                e.push(("CADUCEUS_LOCAL_STEPS", steps.to_string()));
+            }
+            if let Some(ep) = s.training.epochs {
+                e.push(("CADUCEUS_LOCAL_EPOCHS", ep.to_string()));
+            }
+        }
+    }
+    let tfhe = s.secure_aggregation.mode == SecureAggregationMode::Tfhe;
+    if tfhe {
+        e.push(("CADUCEUS_SECURE_AGGREGATION", "tfhe".into()));
+        e.push(("CADUCEUS_STUDY_KEY", format!("{KEY_DIR}/study.key")));
+    }
+    if let Some(tp) = traceparent {
+        e.push(("TRACEPARENT", tp.to_string()));
+    }
+    e.push(("RUST_LOG", "info".into()));
+    let mut labels = names::round_labels(&sns, &name, "trainer", r, round.spec.attempt);
+    labels.insert(names::LABEL_HOSPITAL.into(), hospital.name_any());
+    let mut mounts = vec![
+        json!({"name": "data", "mountPath": DATA_DIR, "readOnly": true}),
+        json!({"name": "tls", "mountPath": TLS_DIR, "readOnly": true}),
+        json!({"name": "state", "mountPath": STATE_DIR}),
+    ];
+    let mut volumes = vec![
+        json!({"name": "data", "persistentVolumeClaim": {"claimName": hospital.spec.data.claim_name, "readOnly": true}}),
+        json!({"name": "tls", "secret": {"secretName": names::hospital_tls_secret(&sns, &name, &hospital.name_any()), "defaultMode": 0o400}}),
+        json!({"name": "state", "emptyDir": {}}),
+    ];
+    if tfhe {
+        mounts.push(json!({"name": "study-key", "mountPath": KEY_DIR, "readOnly": true}));
+        volumes.push(json!({"name": "study-key", "secret": {"secretName": names::hospital_key_secret(&sns, &name, &hospital.name_any()), "defaultMode": 0o400}}));
+    }
+    let mut container = json!({
+        "name": "trainer",
+        "image": study.spec.images.as_ref().and_then(|i| i.trainer.clone()).unwrap_or_else(|| settings.trainer_image.clone()),
+        "env": env(e),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": container_security(),
+        "volumeMounts": mounts,
+    });
+    let mut pod = json!({
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": false,
+        "securityContext": pod_security(),
+        "containers": [],
+        "volumes": volumes,
+    });
+    if let Some(t) = &hospital.spec.trainer {
+        if let Some(res) = &t.resources {
+            container["resources"] = serde_json::to_value(res).unwrap_or(Value::Null);
+        }
+        if !t.node_selector.is_empty() {
+            pod["nodeSelector"] = json!(t.node_selector);
+        }
+        if !t.tolerations.is_empty() {
+            pod["tolerations"] = serde_json::to_value(&t.tolerations).unwrap_or(Value::Null);
+        }
+    }
+    pod["containers"] = json!([container]);
+    let mut pod_labels = labels.clone();
+    pod_labels.remove(names::LABEL_STUDY_NAMESPACE);
+    from_json(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {
+            "name": names::trainer_job(&sns, &round.name_any(), &hospital.name_any()),
+            "namespace": hns,
+            "labels": labels,
+        },
+        "spec": {
+            // A retried trainer would train and release a second, freshly noised update: never.
+            "backoffLimit": 0,
+            "ttlSecondsAfterFinished": 86400,
+            "activeDeadlineSeconds": (s.rounds.deadline_seconds as i64) * 3,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn study(tfhe: bool) -> FederatedStudy {
+        let mut s: FederatedStudy = serde_yaml::from_str(&format!(
+            r#"
+apiVersion: fl.caduceus.dev/v1alpha1
+kind: FederatedStudy
+metadata: {{name: gender, namespace: studies, uid: "1234"}}
+spec:
+  model: {{architecture: small-cnn}}
+  task: {{label: gender, sensitiveAttributes: [race]}}
+  rounds: {{total: 3, minHospitals: 2, deadlineSeconds: 60}}
+  training: {{steps: 5, batchSize: 32}}
+  privacy: {{noiseMultiplier: 1.1, sampleRate: 0.02}}
+  secureAggregation: {{mode: {}}}
+  hospitalSelector: {{}}
+  modelStore: {{claimName: store}}
+"#,
+            if tfhe { "Tfhe" } else { "None" }
+        ))
+        .unwrap();
+        s.metadata.uid = Some("1234".into());
+        s
+    }
+
+    fn hospital() -> HospitalClient {
+        serde_yaml::from_str(
+            r#"
+apiVersion: fl.caduceus.dev/v1alpha1
+kind: HospitalClient
+metadata: {name: st-mary, namespace: north, uid: "77"}
+spec:
+  data: {claimName: faces, path: /shard}
+  privacyBudget: {epsilon: 8}
+  consentedStudies: [studies/gender]
+"#,
+        )
+        .unwrap()
+    }
+
+    fn settings(mode: EndpointMode) -> Settings {
+        Settings {
+            operator_namespace: "caduceus-system".into(),
+            trainer_image: "caduceus-trainer:test".into(),
+            aggregator_image: "caduceus-aggregator:test".into(),
+            endpoint_mode: mode,
+            tracing: false,
+        }
+    }
+
+    fn env_of(job: &Job) -> BTreeMap<String, String> {
+        let c = &job
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        c.env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn trainer_job_mounts_data_read_only_and_has_no_token() {
+        let st = study(true);
+        let mut round = training_round(&st, 1, 0, vec!["north/st-mary".into()]);
+        round.metadata.uid = Some("r1".into());
+        let s = settings(EndpointMode::Service);
+        let ep = endpoint(&st, &s, None).unwrap();
+        let plan = plan::privacy_plan(&st.spec).unwrap();
+        let job = trainer_job(&st, &round, &hospital(), &s, &ep, plan.as_ref(), None);
+        assert_eq!(job.metadata.namespace.as_deref(), Some("north"));
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let vols = pod.volumes.as_ref().unwrap();
+        let data = vols.iter().find(|v| v.name == "data").unwrap();
+        assert_eq!(
+            data.persistent_volume_claim.as_ref().unwrap().read_only,
+            Some(true)
+        );
+        assert!(vols.iter().any(|v| {
+            v.secret.as_ref().is_some_and(|s| {
+                s.secret_name.as_deref() == Some(&names::hospital_key_secret("studies", "gender", "st-mary"))
+            })
+        }));
+        let e = env_of(&job);
+        assert_eq!(e["CADUCEUS_ROUNDS"], "1-2");
+        assert_eq!(e["CADUCEUS_LOCAL_STEPS"], "5");
+        assert_eq!(e["CADUCEUS_DP_NOISE_MULTIPLIER"], "1.1");
+        assert_eq!(e["CADUCEUS_AGGREGATOR"], "gender-aggregator.studies.svc:50051");
+        assert_eq!(e["CADUCEUS_SHARD"], "/var/lib/caduceus/data/shard");
+        assert_eq!(e["CADUCEUS_HOSPITAL"], "north-st-mary");
+        assert_eq!(job.spec.as_ref().unwrap().backoff_limit, Some(0));
+    }
+
+    #[test]
+    fn aggregator_job_never_gets_the_study_key() {
+        let st = study(true);
+        let mut round = training_round(&st, 0, 0, vec!["north/st-mary".into(), "south/x".into()]);
+        round.metadata.uid = Some("r0".into());
+        let s = settings(EndpointMode::Loopback);
+        let svc_port = 31000;
+        let ep = endpoint(&st, &s, Some(svc_port)).unwrap();
+        let job = aggregator_job(
+            &st,
+            &round,
+            &s,
+            &ep,
+            &["north-st-mary".into(), "south-x".into()],
+            Some("ab"),
+            None,
+        );
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some(names::AGGREGATOR_SERVICE_ACCOUNT)
+        );
+        for v in pod.volumes.as_ref().unwrap() {
+            if let Some(sec) = &v.secret {
+                assert!(
+                    !sec.secret_name.as_deref().unwrap_or("").contains("tfhe"),
+                    "{v:?}"
+                );
+            }
+        }
+        let e = env_of(&job);
+        assert!(!e.contains_key("CADUCEUS_STUDY_KEY"));
+        assert_eq!(e["CADUCEUS_LISTEN"], "127.0.0.1:31000");
+        assert_eq!(e["CADUCEUS_ROUNDS"], "1");
+        assert_eq!(e["CADUCEUS_QUORUM_MIN"], "2");
+        assert_eq!(e["CADUCEUS_KEY_FINGERPRINT"], "ab");
+        assert_eq!(
+            e["CADUCEUS_MODEL_STORE"],
+            "/var/lib/caduceus/store/studies-gender"
+        );
+        assert_eq!(job.metadata.owner_references.as_ref().unwrap()[0].uid, "r0");
+    }
+
+    #[test]
+    fn loopback_needs_the_node_port() {
+        let st = study(false);
+        assert!(endpoint(&st, &settings(EndpointMode::Loopback), None).is_none());
+        let svc = aggregator_service(&st, &settings(EndpointMode::Loopback));
+        assert_eq!(svc.spec.unwrap().type_.as_deref(), Some("NodePort"));
+    }
+}
