@@ -100,6 +100,11 @@ bench: ## Benchmarks, each reported as a ratio against a baseline measured in th
 	@echo "== DP-SGD step vs a non-private step of the same model and batch (same run)"
 	$(EXAMPLES)/dp_overhead --batch 64 --reps 5
 
+.PHONY: bench-operator
+bench-operator: build controlplane ## Operator RSS and reconcile throughput with 200 hospitals and 20 studies (local control plane)
+	$(MAKE) cluster-up
+	trap 'e2e/cluster.sh down' EXIT; KUBECONFIG=$(KUBECONFIG_FILE) bench/operator.sh
+
 # Short fuzz run of the secure-aggregation wire decoder (needs a nightly toolchain and cargo-fuzz).
 FUZZ_SECS ?= 30
 
