@@ -586,6 +586,36 @@ fn summarise(study: &FederatedStudy, rounds: &[TrainingRound], status: &mut Fede
     }
 }
 
+/// Deletes every `K` that matches `lp` outside namespace `keep` (already gone counts as deleted).
+async fn delete_outside<K>(
+    client: &kube::Client,
+    keep: &str,
+    lp: &ListParams,
+    dp: &DeleteParams,
+) -> Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    for o in Api::<K>::all(client.clone()).list_metadata(lp).await?.items {
+        let ns = o.metadata.namespace.clone().unwrap_or_default();
+        if ns == keep {
+            continue;
+        }
+        match Api::<K>::namespaced(client.clone(), &ns)
+            .delete(&o.name_any(), dp)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Deletes what the study owns outside its namespace (owner references cover the rest).
 async fn cleanup(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> {
     let ns = study.namespace().unwrap_or_default();
@@ -599,36 +629,8 @@ async fn cleanup(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action
         propagation_policy: Some(PropagationPolicy::Background),
         ..Default::default()
     };
-    let jobs: Api<Job> = Api::all(ctx.client.clone());
-    for j in jobs.list_metadata(&lp).await?.items {
-        let jns = j.metadata.namespace.clone().unwrap_or_default();
-        if jns == ns {
-            continue;
-        }
-        match Api::<Job>::namespaced(ctx.client.clone(), &jns)
-            .delete(&j.name_any(), &dp)
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let secrets_all: Api<Secret> = Api::all(ctx.client.clone());
-    for s in secrets_all.list_metadata(&lp).await?.items {
-        let sns = s.metadata.namespace.clone().unwrap_or_default();
-        if sns == ns {
-            continue;
-        }
-        match Api::<Secret>::namespaced(ctx.client.clone(), &sns)
-            .delete(&s.name_any(), &dp)
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    delete_outside::<Job>(&ctx.client, &ns, &lp, &dp).await?;
+    delete_outside::<Secret>(&ctx.client, &ns, &lp, &dp).await?;
     ctx.event(
         &*study,
         false,
