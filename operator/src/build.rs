@@ -32,8 +32,6 @@ pub struct Settings {
     pub trainer_image: String,
     pub aggregator_image: String,
     pub endpoint_mode: EndpointMode,
-    /// `TRACEPARENT` handed to workloads is built per round from this trace id prefix when tracing is on.
-    pub tracing: bool,
 }
 
 pub const TLS_DIR: &str = "/etc/caduceus/tls";
@@ -549,7 +547,6 @@ spec:
             trainer_image: "caduceus-trainer:test".into(),
             aggregator_image: "caduceus-aggregator:test".into(),
             endpoint_mode: mode,
-            tracing: false,
         }
     }
 

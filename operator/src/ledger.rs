@@ -114,9 +114,10 @@ pub async fn reserve(
     })
 }
 
-/// Commits a reserved round (idempotent; a round never reserved is left alone).
-pub async fn commit(api: &Api<HospitalClient>, hospital: &str, key: &RoundKey) -> Result<()> {
-    update_status(api, hospital, |status, _| {
+/// Commits a reserved round (idempotent; a round never reserved is left alone). Returns the ε spent
+/// afterwards, as written next to the ledger.
+pub async fn commit(api: &Api<HospitalClient>, hospital: &str, key: &RoundKey) -> Result<Option<f64>> {
+    let h = update_status(api, hospital, |status, _| {
         let mut ledger: PrivacyLedger = status.ledger.clone().unwrap_or_default();
         match ledger.commit(key, None) {
             Ok(caduceus_privacy::ledger::CommitOutcome::Committed { .. }) => {
@@ -131,7 +132,7 @@ pub async fn commit(api: &Api<HospitalClient>, hospital: &str, key: &RoundKey) -
         }
     })
     .await?;
-    Ok(())
+    Ok(h.status.and_then(|s| s.epsilon_spent))
 }
 
 /// Sets or clears `PrivacyBudgetExhausted` (with the figures in the message).

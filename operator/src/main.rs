@@ -164,7 +164,6 @@ async fn main() -> anyhow::Result<()> {
         trainer_image: args.trainer_image.clone(),
         aggregator_image: args.aggregator_image.clone(),
         endpoint_mode: args.endpoint_mode,
-        tracing: false,
     };
     let ctx = Arc::new(Context::new(client.clone(), settings, metrics.clone()));
     let managed =

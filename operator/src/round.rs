@@ -153,14 +153,10 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
 
     // The endpoint (in loopback mode, the Service's node port).
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let svc = build::aggregator_service(&study, &ctx.settings);
-    let svc = services
-        .patch(
-            &svc.name_any(),
-            &PatchParams::apply(crate::FIELD_MANAGER).force(),
-            &Patch::Apply(&svc),
-        )
-        .await?;
+    // The Service is the study controller's; until it exists, wait.
+    let Some(svc) = services.get_opt(&names::service(&study.name_any())).await? else {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
     let node_port = svc
         .spec
         .as_ref()
@@ -298,34 +294,20 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
         .rev()
         .find_map(|(_, m)| RoundOutcome::parse(m).ok());
 
-    // Commit the round's spending in every participant's ledger (reserved before the Jobs existed).
-    if let Some(p) = &privacy {
-        let _ = p;
-        for part in &participants {
-            let Some(h) = &part.hospital else { continue };
-            let api: Api<HospitalClient> =
-                Api::namespaced(ctx.client.clone(), &h.namespace().unwrap_or_default());
-            let key = ledger::round_key(&ns, &study.name_any(), round.spec.attempt, round.spec.round);
-            ledger::commit(&api, &h.name_any(), &key).await?;
-        }
-    }
-    // ε per participant after this round.
+    // Commit the round's spending in every participant's ledger (reserved before the Jobs existed);
+    // the status then carries each participant's ε after this round.
     status.epsilon_spent.clear();
     if privacy.is_some() {
+        let key = ledger::round_key(&ns, &study.name_any(), round.spec.attempt, round.spec.round);
         for part in &participants {
             let Some(h) = &part.hospital else { continue };
-            let api: Api<HospitalClient> =
-                Api::namespaced(ctx.client.clone(), &h.namespace().unwrap_or_default());
-            if let Some(eps) = api
-                .get_status(&h.name_any())
-                .await?
-                .status
-                .and_then(|s| s.epsilon_spent)
-            {
+            let hns = h.namespace().unwrap_or_default();
+            let api: Api<HospitalClient> = Api::namespaced(ctx.client.clone(), &hns);
+            if let Some(eps) = ledger::commit(&api, &h.name_any(), &key).await? {
                 status.epsilon_spent.insert(part.reference.clone(), eps);
                 ctx.metrics
                     .epsilon_spent
-                    .with_label_values(&[&h.namespace().unwrap_or_default(), &h.name_any()])
+                    .with_label_values(&[&hns, &h.name_any()])
                     .set(eps);
             }
         }
