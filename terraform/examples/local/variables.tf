@@ -1,0 +1,22 @@
+variable "kubeconfig" {
+  description = "Path of the kubeconfig of the cluster to install Caduceus on."
+  type        = string
+  default     = "~/.kube/config"
+
+  validation {
+    condition     = length(trimspace(var.kubeconfig)) > 0
+    error_message = "kubeconfig must be a path."
+  }
+}
+
+variable "kube_context" {
+  description = "Context in the kubeconfig. Null: its current context."
+  type        = string
+  default     = null
+}
+
+variable "image_tag" {
+  description = "Tag of the operator, trainer and aggregator images. Null: the chart's appVersion."
+  type        = string
+  default     = null
+}

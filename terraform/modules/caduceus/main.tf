@@ -1,0 +1,161 @@
+locals {
+  chart_path = coalesce(var.chart_path, "${path.module}/../../../charts/caduceus")
+
+  hospitals = {
+    for name, h in var.hospitals : name => merge(h, { namespace = coalesce(h.namespace, "hospital-${name}") })
+  }
+  hospital_namespaces = sort(distinct([for name, h in local.hospitals : h.namespace]))
+
+  # Helm values. Only keys with a value are passed: a null would delete the chart's default.
+  image = { for k, v in {
+    repository = var.image.repository
+    tag        = var.image.tag
+    pullPolicy = var.image.pull_policy
+  } : k => v if v != null }
+  trainer_image    = { for k, v in var.workload_images.trainer : k => v if v != null }
+  aggregator_image = { for k, v in var.workload_images.aggregator : k => v if v != null }
+  workloads = { for k, v in {
+    trainer      = length(local.trainer_image) > 0 ? { image = local.trainer_image } : null
+    aggregator   = length(local.aggregator_image) > 0 ? { image = local.aggregator_image } : null
+    endpointMode = var.endpoint_mode
+  } : k => v if v != null }
+  resources = var.resources == null ? {} : { for k, v in var.resources : k => v if v != null }
+
+  values = { for k, v in {
+    crds           = { for k, v in var.crds : k => v if v != null }
+    image          = local.image
+    replicaCount   = var.replica_count
+    leaderElection = var.leader_election_enabled == null ? null : { enabled = var.leader_election_enabled }
+    workloads      = local.workloads
+    metrics        = var.monitoring.service_monitor == null ? null : { serviceMonitor = { enabled = var.monitoring.service_monitor } }
+    prometheusRule = var.monitoring.prometheus_rule == null ? null : { enabled = var.monitoring.prometheus_rule }
+    dashboard      = var.monitoring.dashboard == null ? null : { enabled = var.monitoring.dashboard }
+    networkPolicy = merge(
+      var.network_policy_enabled == null ? {} : { enabled = var.network_policy_enabled },
+      {
+        studyNamespaces    = var.study_namespaces
+        hospitalNamespaces = local.hospital_namespaces
+      },
+    )
+    resources = local.resources
+  } : k => v if v != null && v != {} }
+
+  # HospitalClient specs, shaped as in crds/fl.caduceus.dev_hospitalclients.yaml.
+  hospital_specs = {
+    for name, h in local.hospitals : name => merge(
+      {
+        data = {
+          claimName = h.data.claim_name
+          path      = h.data.path
+          format    = h.data.format
+        }
+        privacyBudget = {
+          epsilon = h.privacy_budget.epsilon
+          delta   = h.privacy_budget.delta
+        }
+        consentedStudies = h.consented_studies
+      },
+      h.trainer == null ? {} : {
+        trainer = { for k, v in {
+          nodeSelector = h.trainer.node_selector
+          resources    = h.trainer.resources == null ? null : { for k, v in h.trainer.resources : k => v if v != null }
+          tolerations = h.trainer.tolerations == null ? null : [
+            for t in h.trainer.tolerations : { for k, v in {
+              key               = t.key
+              operator          = t.operator
+              value             = t.value
+              effect            = t.effect
+              tolerationSeconds = t.toleration_seconds
+            } : k => v if v != null }
+          ]
+        } : k => v if v != null }
+      },
+    )
+  }
+}
+
+resource "kubernetes_namespace" "operator" {
+  count = var.create_namespace ? 1 : 0
+
+  metadata {
+    name = var.namespace
+    labels = {
+      "app.kubernetes.io/part-of"    = "caduceus"
+      "app.kubernetes.io/managed-by" = "terraform"
+    }
+  }
+}
+
+resource "kubernetes_namespace" "study" {
+  for_each = var.create_study_namespaces ? toset(var.study_namespaces) : toset([])
+
+  metadata {
+    name = each.key
+    labels = {
+      "app.kubernetes.io/part-of"    = "caduceus"
+      "app.kubernetes.io/managed-by" = "terraform"
+      "caduceus.dev/role"            = "study"
+    }
+  }
+}
+
+resource "kubernetes_namespace" "hospital" {
+  for_each = { for name, h in local.hospitals : name => h if h.create_namespace }
+
+  metadata {
+    name = each.value.namespace
+    labels = merge(each.value.namespace_labels, {
+      "app.kubernetes.io/part-of"    = "caduceus"
+      "app.kubernetes.io/managed-by" = "terraform"
+      "caduceus.dev/role"            = "hospital"
+      "caduceus.dev/hospital"        = each.key
+    })
+  }
+}
+
+# The operator: CRDs, controller, RBAC, NetworkPolicies, monitoring, from charts/caduceus.
+resource "helm_release" "caduceus" {
+  name      = var.release_name
+  namespace = var.create_namespace ? kubernetes_namespace.operator[0].metadata[0].name : var.namespace
+  chart     = local.chart_path
+  values    = concat([yamlencode(local.values)], var.extra_values)
+
+  atomic          = true
+  cleanup_on_fail = true
+  wait            = true
+  timeout         = var.helm_timeout
+  max_history     = 10
+
+  # The chart may render objects (NetworkPolicies) into the study and hospital namespaces.
+  depends_on = [kubernetes_namespace.study, kubernetes_namespace.hospital]
+
+  lifecycle {
+    precondition {
+      condition     = fileexists("${local.chart_path}/Chart.yaml")
+      error_message = "No Helm chart at ${local.chart_path} (no Chart.yaml); set chart_path."
+    }
+  }
+}
+
+# One HospitalClient per hospital, in its namespace. The kubernetes provider that can be built offline
+# (v1.13.4) has no kubernetes_manifest, so each HospitalClient is a release of a one-template local chart
+# (charts/hospital-client). It depends on the operator's release, which installs the CRD.
+resource "helm_release" "hospital" {
+  for_each = local.hospitals
+
+  name      = "hc-${each.key}"
+  namespace = each.value.create_namespace ? kubernetes_namespace.hospital[each.key].metadata[0].name : each.value.namespace
+  chart     = "${path.module}/charts/hospital-client"
+  values = [yamlencode({
+    name   = each.key
+    labels = each.value.labels
+    spec   = local.hospital_specs[each.key]
+  })]
+
+  atomic      = true
+  wait        = true
+  timeout     = var.helm_timeout
+  max_history = 5
+
+  depends_on = [helm_release.caduceus]
+}

@@ -1,0 +1,210 @@
+# Offline tests of the module: the providers are mocked (no cluster, no chart needed beyond a Chart.yaml).
+# Run with `tofu test` after `tofu init` in terraform/modules/caduceus; terraform/check.sh does both.
+
+mock_provider "helm" {}
+mock_provider "kubernetes" {}
+
+variables {
+  # Any directory with a Chart.yaml satisfies the module's precondition; the mocked helm provider reads nothing.
+  chart_path       = "./charts/hospital-client"
+  study_namespaces = ["caduceus-studies"]
+  hospitals = {
+    st-mary = {
+      data              = { claim_name = "faces", path = "/utkface/shard-0" }
+      privacy_budget    = { epsilon = 8 }
+      consented_studies = ["caduceus-studies/gender-fedavg"]
+      trainer = {
+        node_selector = { "caduceus.dev/pool" = "training" }
+        tolerations   = [{ key = "dedicated", operator = "Equal", value = "training", effect = "NoSchedule" }]
+      }
+    }
+    general = {
+      namespace      = "hospital-general-2"
+      data           = { claim_name = "faces", format = "UtkfaceFilenames" }
+      privacy_budget = { epsilon = 0.5, delta = 1e-6 }
+    }
+  }
+}
+
+run "valid_inputs_apply" {
+  command = apply
+
+  assert {
+    condition     = output.hospital_namespaces == { general = "hospital-general-2", st-mary = "hospital-st-mary" }
+    error_message = "hospital namespaces: ${jsonencode(output.hospital_namespaces)}"
+  }
+  assert {
+    condition     = output.hospital_clients == { general = "hospital-general-2/general", st-mary = "hospital-st-mary/st-mary" }
+    error_message = "hospital clients: ${jsonencode(output.hospital_clients)}"
+  }
+  assert {
+    condition     = output.release_name == "caduceus" && output.release_namespace == "caduceus-system"
+    error_message = "release: ${output.release_namespace}/${output.release_name}"
+  }
+  assert {
+    condition     = length(kubernetes_namespace.hospital) == 2 && length(kubernetes_namespace.study) == 1 && length(kubernetes_namespace.operator) == 1
+    error_message = "expected 1 operator, 1 study and 2 hospital namespaces"
+  }
+  assert {
+    condition = yamldecode(output.values).networkPolicy == {
+      hospitalNamespaces = ["hospital-general-2", "hospital-st-mary"]
+      studyNamespaces    = ["caduceus-studies"]
+    }
+    error_message = "networkPolicy values: ${output.values}"
+  }
+  # Unset variables leave the chart's defaults: no key with a null value reaches Helm.
+  assert {
+    condition     = !strcontains(output.values, "null") && !contains(keys(yamldecode(output.values)), "image")
+    error_message = "values contain nulls or unset keys: ${output.values}"
+  }
+  assert {
+    condition = yamldecode(helm_release.hospital["st-mary"].values[0]).spec == {
+      data             = { claimName = "faces", path = "/utkface/shard-0", format = "Manifest" }
+      privacyBudget    = { epsilon = 8, delta = 0.00001 }
+      consentedStudies = ["caduceus-studies/gender-fedavg"]
+      trainer = {
+        nodeSelector = { "caduceus.dev/pool" = "training" }
+        tolerations  = [{ key = "dedicated", operator = "Equal", value = "training", effect = "NoSchedule" }]
+      }
+    }
+    error_message = "st-mary spec: ${helm_release.hospital["st-mary"].values[0]}"
+  }
+  assert {
+    condition     = !contains(keys(yamldecode(helm_release.hospital["general"].values[0]).spec), "trainer")
+    error_message = "a hospital without trainer hints must not get spec.trainer"
+  }
+}
+
+run "chart_values_when_set" {
+  command = plan
+
+  variables {
+    crds                    = { create = false, keep = true }
+    image                   = { repository = "ghcr.io/caduceus/operator", tag = "0.3.0", pull_policy = "IfNotPresent" }
+    workload_images         = { trainer = { tag = "0.3.0" } }
+    replica_count           = 2
+    leader_election_enabled = true
+    endpoint_mode           = "loopback"
+    monitoring              = { service_monitor = true, prometheus_rule = false }
+    network_policy_enabled  = true
+    resources               = { requests = { cpu = "100m", memory = "128Mi" } }
+  }
+
+  assert {
+    condition = yamldecode(output.values) == {
+      crds           = { create = false, keep = true }
+      image          = { repository = "ghcr.io/caduceus/operator", tag = "0.3.0", pullPolicy = "IfNotPresent" }
+      replicaCount   = 2
+      leaderElection = { enabled = true }
+      workloads      = { trainer = { image = { tag = "0.3.0" } }, endpointMode = "loopback" }
+      metrics        = { serviceMonitor = { enabled = true } }
+      prometheusRule = { enabled = false }
+      networkPolicy = {
+        enabled            = true
+        studyNamespaces    = ["caduceus-studies"]
+        hospitalNamespaces = ["hospital-general-2", "hospital-st-mary"]
+      }
+      resources = { requests = { cpu = "100m", memory = "128Mi" } }
+    }
+    error_message = "values: ${output.values}"
+  }
+}
+
+run "rejects_zero_epsilon" {
+  command = plan
+  variables {
+    hospitals = {
+      st-mary = {
+        data           = { claim_name = "faces" }
+        privacy_budget = { epsilon = 0 }
+      }
+    }
+  }
+  expect_failures = [var.hospitals]
+}
+
+run "rejects_delta_of_one" {
+  command = plan
+  variables {
+    hospitals = {
+      st-mary = {
+        data           = { claim_name = "faces" }
+        privacy_budget = { epsilon = 1, delta = 1 }
+      }
+    }
+  }
+  expect_failures = [var.hospitals]
+}
+
+run "rejects_invalid_hospital_namespace" {
+  command = plan
+  variables {
+    hospitals = {
+      st-mary = {
+        namespace      = "Hospital_St_Mary"
+        data           = { claim_name = "faces" }
+        privacy_budget = { epsilon = 1 }
+      }
+    }
+  }
+  expect_failures = [var.hospitals]
+}
+
+run "rejects_dotdot_in_data_path" {
+  command = plan
+  variables {
+    hospitals = {
+      st-mary = {
+        data           = { claim_name = "faces", path = "/data/../etc" }
+        privacy_budget = { epsilon = 1 }
+      }
+    }
+  }
+  expect_failures = [var.hospitals]
+}
+
+run "rejects_study_without_namespace" {
+  command = plan
+  variables {
+    hospitals = {
+      st-mary = {
+        data              = { claim_name = "faces" }
+        privacy_budget    = { epsilon = 1 }
+        consented_studies = ["gender-fedavg"]
+      }
+    }
+  }
+  expect_failures = [var.hospitals]
+}
+
+run "rejects_invalid_operator_namespace" {
+  command = plan
+  variables {
+    namespace = "-caduceus"
+  }
+  expect_failures = [var.namespace]
+}
+
+run "rejects_empty_image_tag" {
+  command = plan
+  variables {
+    image = { tag = "" }
+  }
+  expect_failures = [var.image]
+}
+
+run "rejects_unknown_endpoint_mode" {
+  command = plan
+  variables {
+    endpoint_mode = "nodeport"
+  }
+  expect_failures = [var.endpoint_mode]
+}
+
+run "rejects_missing_chart" {
+  command = plan
+  variables {
+    chart_path = "./no-such-chart"
+  }
+  expect_failures = [helm_release.caduceus]
+}
