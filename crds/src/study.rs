@@ -487,11 +487,11 @@ pub struct FederatedStudyStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `QuorumReached`, `FairnessDegraded`, `PrivacyBudgetExhausted`.
+    /// `Ready` (its reasons include `PrivacyBudgetExhausted`) and `FairnessDegraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// Index of the round in progress (0-based), or of the last round once the study is done.
+    /// Number of the round in progress (1-based), or of the last round once the study is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_round: Option<u32>,
     /// Rounds that succeeded.

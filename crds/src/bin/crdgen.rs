@@ -1,7 +1,8 @@
 //! Writes the CRD YAML generated from the Rust types.
 //!
-//! `crdgen` writes every CRD to `crds/` (or the directory given); `crdgen --check` exits non-zero when a
-//! committed file differs from what the types generate; `crdgen --stdout` prints all of them.
+//! `crdgen` writes every CRD to `crds/` and to the Helm chart's copy in `charts/caduceus/files/crds/` (or
+//! the directories given); `crdgen --check` exits non-zero when a committed file in either differs from
+//! what the types generate; `crdgen --stdout` prints all of them.
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -11,9 +12,9 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(name = "crdgen", version, about)]
 struct Args {
-    /// Directory that holds the committed YAML.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR")))]
-    dir: PathBuf,
+    /// Directories that hold the committed YAML (repeat the flag for several).
+    #[arg(long, default_values = [env!("CARGO_MANIFEST_DIR"), concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/caduceus/files/crds")])]
+    dir: Vec<PathBuf>,
     /// Compare instead of writing; fail when the committed YAML is out of date.
     #[arg(long)]
     check: bool,
@@ -27,17 +28,21 @@ fn main() -> anyhow::Result<()> {
     let mut stale = Vec::new();
     for (file, crd) in caduceus_crds::all_crds() {
         let yaml = caduceus_crds::render_yaml(&crd)?;
-        let path = args.dir.join(file);
         if args.stdout {
             println!("---\n{yaml}");
-        } else if args.check {
-            let committed = std::fs::read_to_string(&path).unwrap_or_default();
-            if committed != yaml {
-                stale.push(path.display().to_string());
+            continue;
+        }
+        for dir in &args.dir {
+            let path = dir.join(file);
+            if args.check {
+                let committed = std::fs::read_to_string(&path).unwrap_or_default();
+                if committed != yaml {
+                    stale.push(path.display().to_string());
+                }
+            } else {
+                std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
             }
-        } else {
-            std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("wrote {}", path.display());
         }
     }
     if !stale.is_empty() {
