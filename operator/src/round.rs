@@ -398,6 +398,25 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
                     .with_label_values(&[&study_ns, &study_name])
                     .set(a);
             }
+            if let Some(a) = status.worst_group_accuracy {
+                ctx.metrics
+                    .worst_group_accuracy
+                    .with_label_values(&[&study_ns, &study_name])
+                    .set(a);
+            }
+            let f = &study.spec.fairness;
+            for (metric, threshold) in [
+                (
+                    "demographic_parity_difference",
+                    f.max_demographic_parity_difference,
+                ),
+                ("equalized_odds_difference", f.max_equalized_odds_difference),
+            ] {
+                ctx.metrics
+                    .fairness_threshold
+                    .with_label_values(&[&study_ns, &study_name, metric])
+                    .set(threshold);
+            }
             if let Some(g) = status.equalized_odds_difference {
                 ctx.metrics
                     .fairness_gap

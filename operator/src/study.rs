@@ -21,6 +21,7 @@ use caduceus_crds::conditions::{ConditionExt, status as cstatus, types};
 use caduceus_crds::{FederatedStudy, FederatedStudyStatus, HospitalClient, TrainingRound, set_condition};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::Action;
@@ -137,6 +138,7 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
     let generation = study.metadata.generation;
     let mut status = study.status.clone().unwrap_or_default();
     status.observed_generation = generation;
+    ctx.metrics.init_study(&ns, &name);
 
     // Validate.
     if let Err(msg) = plan::validate(&study.spec) {
@@ -298,6 +300,15 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
         }
     }
 
+    // For the stalled-round alert: when the running round (if any) was created.
+    let running_since = rounds
+        .iter()
+        .filter(|r| finished(r.status.as_ref()).is_none())
+        .filter_map(|r| r.metadata.creation_timestamp.as_ref())
+        .map(|t| t.0.as_second() as f64)
+        .reduce(f64::min);
+    let started_gauge = ctx.metrics.round_started.with_label_values(&[&ns, &name]);
+    started_gauge.set(running_since.unwrap_or(0.0));
     let action = match next_step(study.spec.rounds.total, study.spec.rounds.max_retries, &view) {
         Next::Running(msg) => {
             set_condition(
@@ -338,7 +349,16 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
             Action::await_change()
         }
         Next::Start { round, attempt } => {
-            start_round(&ctx, &study, &mut status, &candidates, round, attempt).await?
+            let action = start_round(&ctx, &study, &mut status, &candidates, round, attempt).await?;
+            // A round was created (not merely waited for) when start_round says it runs.
+            if status
+                .conditions
+                .condition(types::READY)
+                .is_some_and(|c| c.reason == "Running" && c.message.ends_with(" started"))
+            {
+                started_gauge.set(Timestamp::now().as_second() as f64);
+            }
+            action
         }
     };
     write_status(&ctx, &study, &status).await?;
@@ -631,6 +651,7 @@ async fn cleanup(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action
     };
     delete_outside::<Job>(&ctx.client, &ns, &lp, &dp).await?;
     delete_outside::<Secret>(&ctx.client, &ns, &lp, &dp).await?;
+    ctx.metrics.forget_study(&ns, &name);
     ctx.event(
         &*study,
         false,

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub fairness_gap: GaugeVec,
     pub participants: GaugeVec,
     pub accuracy: GaugeVec,
+    pub worst_group_accuracy: GaugeVec,
+    pub fairness_threshold: GaugeVec,
+    pub round_started: GaugeVec,
     /// Set once the API server answered (readiness).
     pub ready: AtomicBool,
     /// Whether this replica holds the leader Lease.
@@ -99,6 +102,39 @@ impl Metrics {
             &["namespace", "study"],
         )
         .expect("metric");
+        let worst_group_accuracy = GaugeVec::new(
+            Opts::new(
+                "study_worst_group_accuracy",
+                "Lowest accuracy over the groups of a study's sensitive attributes, latest round",
+            ),
+            &["namespace", "study"],
+        )
+        .expect("metric");
+        let fairness_threshold = GaugeVec::new(
+            Opts::new(
+                "fairness_threshold",
+                "A study's largest acceptable fairness gap (spec.fairness), per metric of fairness_gap",
+            ),
+            &["namespace", "study", "metric"],
+        )
+        .expect("metric");
+        let round_started = GaugeVec::new(
+            Opts::new(
+                "round_started_timestamp_seconds",
+                "Creation time (Unix seconds) of a study's running round; 0 when none runs",
+            ),
+            &["namespace", "study"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(worst_group_accuracy.clone()))
+            .expect("register");
+        registry
+            .register(Box::new(fairness_threshold.clone()))
+            .expect("register");
+        registry
+            .register(Box::new(round_started.clone()))
+            .expect("register");
         registry
             .register(Box::new(reconciliations.clone()))
             .expect("register");
@@ -133,8 +169,40 @@ impl Metrics {
             fairness_gap,
             participants,
             accuracy,
+            worst_group_accuracy,
+            fairness_threshold,
+            round_started,
             ready: AtomicBool::new(false),
             leading: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes a study's series visible from its first reconciliation: both outcome counters start at
+    /// 0 (so `increase()` sees the first failure) and no round runs yet.
+    pub fn init_study(&self, namespace: &str, study: &str) {
+        for outcome in ["Succeeded", "Failed"] {
+            self.rounds.with_label_values(&[namespace, study, outcome]);
+        }
+    }
+
+    /// Drops every series of a deleted study.
+    pub fn forget_study(&self, namespace: &str, study: &str) {
+        for outcome in ["Succeeded", "Failed"] {
+            let _ = self.rounds.remove_label_values(&[namespace, study, outcome]);
+        }
+        for g in [
+            &self.participants,
+            &self.accuracy,
+            &self.worst_group_accuracy,
+            &self.round_started,
+        ] {
+            let _ = g.remove_label_values(&[namespace, study]);
+        }
+        for metric in ["demographic_parity_difference", "equalized_odds_difference"] {
+            let _ = self.fairness_gap.remove_label_values(&[namespace, study, metric]);
+            let _ = self
+                .fairness_threshold
+                .remove_label_values(&[namespace, study, metric]);
         }
     }
 
