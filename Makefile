@@ -50,12 +50,40 @@ unit: ## Unit and crate-level integration tests that need no cluster
 	$(CARGO) test --workspace --exclude caduceus-e2e
 
 .PHONY: e2e
-e2e: ## Tests against the real local control plane (starts and stops it)
+e2e: ## Tests against the real local control plane (starts and stops it), the Helm chart's install included
 	$(MAKE) cluster-up
+	export CADUCEUS_HELM=$$(tools/helm/build.sh) CADUCEUS_PROMETHEUS_CRDS=$$(tools/prometheus-operator/crds.sh); \
 	trap 'e2e/cluster.sh down' EXIT; KUBECONFIG=$(KUBECONFIG_FILE) $(CARGO) test -p caduceus-e2e -- --test-threads=1
 
+.PHONY: helm
+helm: ## Build (once, cached by version) the Helm CLI from its Go module; prints its path
+	tools/helm/build.sh
+
+.PHONY: chart-check
+chart-check: ## Offline chart checks: helm lint, template (default and full), schema violations, alerts vs metrics
+	HELM=$$(tools/helm/build.sh) charts/caduceus/tests/check-chart.sh
+
+.PHONY: argocd-check
+argocd-check: ## Argo CD Lua health checks against their health_test.yaml cases (gopher-lua), generated ConfigMap in sync
+	argocd/check.sh
+
+.PHONY: terraform-check
+terraform-check: ## tofu fmt -check, validate and tests of the Terraform module and example (OpenTofu from its Go module)
+	terraform/check.sh
+
+.PHONY: images-check
+images-check: ## Static checks of the Dockerfile (this machine cannot build images)
+	images/check.sh
+
+.PHONY: images
+images: ## Build the operator, trainer and aggregator images (needs Docker with BuildKit)
+	images/build.sh
+
+.PHONY: packaging
+packaging: chart-check argocd-check terraform-check images-check ## Every packaging check that needs no cluster
+
 .PHONY: test
-test: lint check-crds build controlplane unit e2e ## Everything CI runs
+test: lint check-crds build controlplane unit packaging e2e ## Everything CI runs
 	@echo "make test: all checks passed"
 
 # Results of `make demo` (a directory; replaced on each run). Extra simulate flags: DEMO_FLAGS="--rounds 3".

@@ -11,7 +11,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -20,10 +20,11 @@ use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound};
 use caduceus_privacy::ledger::PrivacyLedger;
 use caduceus_privacy::{AccountantKind, SubsampledGaussian};
 use common::{
-    TestNamespace, client, cluster_dir, kubeconfig, kubectl, kubectl_ok, repo_root, unique, wait_for,
+    TestNamespace, apply, bin_dir, client, free_port, hospital, http_get, kubeconfig, kubectl, kubectl_ok,
+    make_shards, repo_root, unique, wait_for,
 };
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
 
@@ -31,69 +32,6 @@ const SIGMA: f64 = 1.0;
 const Q: f64 = 0.05;
 const STEPS: u64 = 3;
 const ROUNDS: u32 = 3;
-
-fn bin_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CADUCEUS_BIN_DIR") {
-        return PathBuf::from(d);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    target.join("debug")
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("CADUCEUS_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/data"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("running a command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Hospital shards (train/ and val/ manifests pointing at the shared images).
-fn make_shards(dir: &Path, hospitals: usize) {
-    let caduceus = bin_dir().join("caduceus");
-    run(Command::new(&caduceus)
-        .args(["data", "import", "--out"])
-        .arg(dir.join("manifest"))
-        .arg("--data-dir")
-        .arg(data_dir().join("utkface-64")));
-    run(Command::new(&caduceus)
-        .args(["data", "split", "--manifest"])
-        .arg(dir.join("manifest"))
-        .args([
-            "--hospitals",
-            &hospitals.to_string(),
-            "--limit",
-            &(hospitals * 200).to_string(),
-            "--scheme",
-            "iid",
-            "--out",
-        ])
-        .arg(dir.join("split")));
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
 
 struct Operator {
     child: Option<Child>,
@@ -157,81 +95,6 @@ impl Drop for Operator {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-}
-
-/// A plain HTTP/1.0 GET on loopback; returns the body of a 200 answer.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the metrics port");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "GET {path}: {head}"
-    );
-    body.to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn apply(yaml: &str) {
-    let f = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(f.path(), yaml).unwrap();
-    kubectl_ok(&["apply", "-f", f.path().to_str().unwrap()]);
-}
-
-/// A hospital namespace with its data claim filled with shard `shard` (None: an empty claim).
-#[allow(clippy::too_many_arguments)]
-async fn hospital(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    shard: Option<&Path>,
-    budget: f64,
-    consents: &[String],
-    network: &str,
-    path: &str,
-) {
-    apply(&format!(
-        r#"
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: faces, namespace: {ns}}}
-spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
----
-apiVersion: fl.caduceus.dev/v1alpha1
-kind: HospitalClient
-metadata: {{name: {name}, namespace: {ns}, labels: {{caduceus.dev/network: {network}}}}}
-spec:
-  data: {{claimName: faces, path: {path}}}
-  privacyBudget: {{epsilon: {budget}, delta: 1.0e-5}}
-  consentedStudies: [{}]
-"#,
-        consents.join(", ")
-    ));
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-    wait_for("the data claim to be bound", Duration::from_secs(60), || {
-        let pvcs = pvcs.clone();
-        async move {
-            let p = pvcs.get_opt("faces").await.ok().flatten()?;
-            (p.status?.phase.as_deref() == Some("Bound")).then_some(())
-        }
-    })
-    .await;
-    if let Some(s) = shard {
-        copy_dir(
-            s,
-            &cluster_dir().join("localnode/pvcs").join(ns).join("faces/shard"),
-        );
     }
 }
 
