@@ -3,9 +3,10 @@
 //! 1. `helm template` with the default and the full-featured values, applied with
 //!    `kubectl apply --dry-run=server` (the real prometheus-operator CRDs are installed first, so the
 //!    ServiceMonitor and PrometheusRule are validated against their schemas);
-//! 2. a real `helm install`: the operator runs as the chart's Deployment (a pod run by localnode, with
-//!    the chart's ServiceAccount and nothing but the chart's RBAC), and a study with two hospitals,
-//!    DP-SGD and TFHE runs to completion through it;
+//! 2. a real `helm install` into a namespace that enforces the restricted Pod Security profile: the
+//!    operator runs as the chart's Deployment (a pod run by localnode, with the chart's ServiceAccount
+//!    and nothing but the chart's RBAC), and a study with two hospitals, DP-SGD and TFHE runs to
+//!    completion through it;
 //! 3. the ServiceAccount may do what the operator needs and nothing more that we check;
 //! 4. `helm uninstall` keeps the CRDs (and so every study), as `crds.keep` promises.
 //!
@@ -164,6 +165,15 @@ async fn chart_installs_and_runs_a_study() {
 
     // 2. A real install; the operator is the chart's pod.
     let op_ns = TestNamespace::create(&client, "e2e-chart").await;
+    // The API server's PodSecurity admission enforces the restricted profile on the operator's pod:
+    // a pod that violates it is never created and `helm install --wait` fails.
+    kubectl_ok(&[
+        "label",
+        "namespace",
+        &op_ns.name,
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/enforce-version=latest",
+    ]);
     let release = unique("chart");
     adopt_crds(&release, &op_ns.name);
     let metrics_port = free_port();
