@@ -23,7 +23,7 @@ use caduceus_crds::conditions::{ConditionExt, types};
 use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound};
 use common::{
     TestNamespace, apply, client, cluster_dir, free_port, hospital, http_get, kubeconfig, kubectl,
-    kubectl_ok, make_shards, repo_root, run, unique, wait_for,
+    kubectl_ok, make_shards, repo_root, run, study_yaml, unique, wait_for,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -245,29 +245,7 @@ async fn chart_installs_and_runs_a_study() {
         )
         .await;
     }
-    apply(&format!(
-        r#"
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: models, namespace: {ns}}}
-spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
----
-apiVersion: fl.caduceus.dev/v1alpha1
-kind: FederatedStudy
-metadata: {{name: faces, namespace: {ns}}}
-spec:
-  model: {{architecture: small-cnn}}
-  task: {{label: gender, sensitiveAttributes: [race]}}
-  rounds: {{total: 2, minHospitals: 2, deadlineSeconds: 600, maxRetries: 1}}
-  training: {{steps: 3, batchSize: 16, learningRate: 0.001}}
-  privacy: {{noiseMultiplier: 1.0, sampleRate: 0.05, clipNorm: 1.0, delta: 1.0e-5}}
-  secureAggregation: {{mode: Tfhe}}
-  fairness: {{minGroupSize: 5, degradedAfterRounds: 2}}
-  hospitalSelector: {{matchLabels: {{caduceus.dev/network: {network}}}}}
-  modelStore: {{claimName: models}}
-"#,
-        ns = sns.name
-    ));
+    apply(&study_yaml(&sns.name, "faces", &network, 2, 2, 600));
     let studies: Api<FederatedStudy> = Api::namespaced(client.clone(), &sns.name);
     // localnode keeps each container's log under its state directory (no kubelet log endpoint).
     let op_pods = cluster_dir().join("localnode/pods");

@@ -20,17 +20,14 @@ use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound};
 use caduceus_privacy::ledger::PrivacyLedger;
 use caduceus_privacy::{AccountantKind, SubsampledGaussian};
 use common::{
-    TestNamespace, apply, bin_dir, client, free_port, hospital, http_get, kubeconfig, kubectl, kubectl_ok,
-    make_shards, repo_root, unique, wait_for,
+    Q, SIGMA, STEPS, TestNamespace, apply, bin_dir, client, free_port, hospital, http_get, kubeconfig,
+    kubectl, kubectl_ok, make_shards, repo_root, study_yaml, unique, wait_for,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
 
-const SIGMA: f64 = 1.0;
-const Q: f64 = 0.05;
-const STEPS: u64 = 3;
 const ROUNDS: u32 = 3;
 
 struct Operator {
@@ -96,31 +93,6 @@ impl Drop for Operator {
             let _ = c.wait();
         }
     }
-}
-
-fn study_yaml(ns: &str, name: &str, network: &str, rounds: u32, min: u32, deadline: u32) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: models, namespace: {ns}}}
-spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
----
-apiVersion: fl.caduceus.dev/v1alpha1
-kind: FederatedStudy
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  model: {{architecture: small-cnn}}
-  task: {{label: gender, sensitiveAttributes: [race]}}
-  rounds: {{total: {rounds}, minHospitals: {min}, deadlineSeconds: {deadline}, maxRetries: 1}}
-  training: {{steps: {STEPS}, batchSize: 16, learningRate: 0.001}}
-  privacy: {{noiseMultiplier: {SIGMA}, sampleRate: {Q}, clipNorm: 1.0, delta: 1.0e-5}}
-  secureAggregation: {{mode: Tfhe}}
-  fairness: {{minGroupSize: 5, degradedAfterRounds: 2}}
-  hospitalSelector: {{matchLabels: {{caduceus.dev/network: {network}}}}}
-  modelStore: {{claimName: models}}
-"#
-    )
 }
 
 async fn study_reason(api: &Api<FederatedStudy>, name: &str) -> Option<(String, String)> {

@@ -329,3 +329,34 @@ spec:
         );
     }
 }
+
+/// The DP-SGD schedule of the test studies: noise multiplier, Poisson rate and steps per round.
+pub const SIGMA: f64 = 1.0;
+pub const Q: f64 = 0.05;
+pub const STEPS: u64 = 3;
+
+/// A small-cnn study with DP-SGD and TFHE over the hospitals labelled `network`, and its model-store claim.
+pub fn study_yaml(ns: &str, name: &str, network: &str, rounds: u32, min: u32, deadline: u32) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: models, namespace: {ns}}}
+spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
+---
+apiVersion: fl.caduceus.dev/v1alpha1
+kind: FederatedStudy
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  model: {{architecture: small-cnn}}
+  task: {{label: gender, sensitiveAttributes: [race]}}
+  rounds: {{total: {rounds}, minHospitals: {min}, deadlineSeconds: {deadline}, maxRetries: 1}}
+  training: {{steps: {STEPS}, batchSize: 16, learningRate: 0.001}}
+  privacy: {{noiseMultiplier: {SIGMA}, sampleRate: {Q}, clipNorm: 1.0, delta: 1.0e-5}}
+  secureAggregation: {{mode: Tfhe}}
+  fairness: {{minGroupSize: 5, degradedAfterRounds: 2}}
+  hospitalSelector: {{matchLabels: {{caduceus.dev/network: {network}}}}}
+  modelStore: {{claimName: models}}
+"#
+    )
+}
