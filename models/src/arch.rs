@@ -2,7 +2,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{D, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
@@ -187,16 +187,17 @@ impl Conv {
         if mode == Mode::Dp {
             return self.forward_dp(x);
         }
-        let w = weight(&self.w, mode);
-        let y = if self.groups > 1 && self.groups == x.dim(1)? {
-            crate::depthwise::depthwise_conv(x, &w, self.stride, self.padding)?
-        } else if self.groups == 1 && crate::conv::conv_impl() == crate::conv::ConvImpl::Im2col {
-            crate::conv::conv2d(x, &w, self.stride, self.padding)?
-        } else {
-            x.conv2d(&w, self.padding, self.stride, 1, self.groups)?
-        };
+        let (w, b) = (weight(&self.w, mode), weight(&self.b, mode));
         let c = self.b.dim(0)?;
-        Ok(y.broadcast_add(&weight(&self.b, mode).reshape((1, c, 1, 1))?)?)
+        if self.groups > 1 && self.groups == x.dim(1)? {
+            let y = crate::depthwise::depthwise_conv(x, &w, self.stride, self.padding)?;
+            Ok(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+        } else if self.groups == 1 && crate::conv::conv_impl() == crate::conv::ConvImpl::Im2col {
+            crate::conv::conv2d(x, &w, &b, self.stride, self.padding)
+        } else {
+            let y = x.conv2d(&w, self.padding, self.stride, 1, self.groups)?;
+            Ok(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+        }
     }
 
     /// The DP forward: im2col (or the depthwise kernel) whatever `set_conv_impl` says, with the
@@ -204,10 +205,11 @@ impl Conv {
     fn forward_dp(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.w.as_tensor().detach();
         let c = self.b.dim(0)?;
-        let b = self.b.as_tensor().detach().reshape((1, c, 1, 1))?;
+        let b = self.b.as_tensor().detach();
         let k = w.dim(2)?;
         if self.groups > 1 && self.groups == x.dim(1)? {
-            let y = crate::depthwise::depthwise_conv(x, &w, self.stride, self.padding)?.broadcast_add(&b)?;
+            let y = crate::depthwise::depthwise_conv(x, &w, self.stride, self.padding)?
+                .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
             let input = crate::dpsgd::LayerInput::Depthwise {
                 x: x.detach(),
                 k,
@@ -216,14 +218,9 @@ impl Conv {
             };
             crate::dpsgd::tap(y, input, &self.w, &self.b)
         } else if self.groups == 1 {
-            let (y, cols) = crate::conv::conv2d_with_cols(x, &w, self.stride, self.padding)?;
-            let y = y.broadcast_add(&b)?;
-            crate::dpsgd::tap(
-                y,
-                crate::dpsgd::LayerInput::Conv { cols: cols.detach() },
-                &self.w,
-                &self.b,
-            )
+            let y = crate::conv::conv2d(x, &w, &b, self.stride, self.padding)?;
+            let cols = crate::conv::im2col(x, k, k, self.stride, self.padding)?;
+            crate::dpsgd::tap(y, crate::dpsgd::LayerInput::Conv { cols }, &self.w, &self.b)
         } else {
             Err(crate::error::ModelError::Config(format!(
                 "DP-SGD does not support grouped convolutions with {} groups",
@@ -264,20 +261,11 @@ pub(crate) struct GroupNorm {
 
 impl GroupNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let g = x.reshape((n, self.groups, (c / self.groups) * h * w))?;
-        let mean = g.mean_keepdim(D::Minus1)?;
-        let centered = g.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered
-            .broadcast_div(&(var + GN_EPS)?.sqrt()?)?
-            .reshape((n, c, h, w))?;
-        let gamma = weight(&self.gamma, mode).reshape((1, c, 1, 1))?;
-        let beta = weight(&self.beta, mode).reshape((1, c, 1, 1))?;
-        let y = normed.broadcast_mul(&gamma)?.broadcast_add(&beta)?;
+        let (gamma, beta) = (weight(&self.gamma, mode), weight(&self.beta, mode));
+        let y = crate::ops::group_norm(x, &gamma, &beta, self.groups, GN_EPS)?;
         if mode == Mode::Dp {
             let input = crate::dpsgd::LayerInput::GroupNorm {
-                normed: normed.detach(),
+                normed: crate::ops::group_normalize(x, self.groups, GN_EPS)?,
             };
             return crate::dpsgd::tap(y, input, &self.gamma, &self.beta);
         }
@@ -317,13 +305,13 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = self.gn1.forward(&self.conv1.forward(x, mode)?, mode)?.relu()?;
+        let y = crate::ops::relu(&self.gn1.forward(&self.conv1.forward(x, mode)?, mode)?)?;
         let y = self.gn2.forward(&self.conv2.forward(&y, mode)?, mode)?;
         let skip = match &self.shortcut {
             Some((conv, gn)) => gn.forward(&conv.forward(x, mode)?, mode)?,
             None => x.clone(),
         };
-        Ok((y + skip)?.relu()?)
+        crate::ops::relu(&(y + skip)?)
     }
 }
 
@@ -351,7 +339,7 @@ impl ConvGn {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        Ok(self.gn.forward(&self.conv.forward(x, mode)?, mode)?.relu()?)
+        crate::ops::relu(&self.gn.forward(&self.conv.forward(x, mode)?, mode)?)
     }
 }
 
@@ -423,9 +411,11 @@ impl Layers {
             Layers::SmallCnn { convs, fc1, fc2 } => {
                 let mut y = x.clone();
                 for conv in convs {
-                    y = conv.forward(&y, mode)?.relu()?.max_pool2d(2)?;
+                    // ReLU after the pool: the same function as pool(ReLU(x)) (both are
+                    // monotone), on a quarter of the values.
+                    y = crate::ops::relu(&crate::ops::max_pool2x2(&conv.forward(&y, mode)?)?)?;
                 }
-                let y = fc1.forward(&y.flatten_from(1)?, mode)?.relu()?;
+                let y = crate::ops::relu(&fc1.forward(&y.flatten_from(1)?, mode)?)?;
                 fc2.forward(&y, mode)
             }
             Layers::ResNet { stem, blocks, fc } => {

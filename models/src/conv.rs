@@ -1,15 +1,24 @@
-//! 2-D convolution as im2col + one GEMM, forward and backward.
+//! 2-D convolution with bias as one fused candle op: per-example im2col + GEMM, forward and
+//! backward.
 //!
-//! candle 0.11's CPU backward of `conv2d` computes the input gradient with `conv_transpose2d`, a
-//! direct loop that dominates training time (issue 9). Here the convolution is written as
-//! `W (O × C·k·k) · cols (C·k·k × N·Ho·Wo)`, where `cols` is the im2col unfolding of the whole
-//! batch, built by a custom op whose backward is the matching col2im (a scatter-add). candle's
-//! autograd then does the rest with two more GEMMs: `∂W = ∂Y · colsᵀ` and
-//! `∂cols = Wᵀ · ∂Y`. All three GEMMs run in candle's multi-threaded `gemm`.
+//! candle 0.11's CPU `conv2d` unfolds the whole batch, and its backward computes the input
+//! gradient with `conv_transpose2d`, a direct loop that dominated training time (issue 9,
+//! `docs/benchmarks.md`, "Profile of a training step"). Here each example `n` is one GEMM:
+//! `Y_n (O × Ho·Wo) = W (O × C·k·k) · cols_n (C·k·k × Ho·Wo) + b`, where `cols_n` is the im2col
+//! unfolding of that example alone (small enough to stay in cache) and the bias initialises the
+//! output. The examples are spread over the rayon pool, each GEMM single-threaded. The backward
+//! pass, per example again: `∂W += ∂Y_n · cols_nᵀ`, `∂b += Σ ∂Y_n`, `∂cols_n = Wᵀ · ∂Y_n` then
+//! col2im (a scatter-add) into `∂X_n`, with per-thread `∂W` accumulators summed at the end. It
+//! skips the input gradient when the input is not tracked (the first layer) and the weight
+//! gradients when the weights are not (DP-SGD's activation-only backward). A 1×1 convolution with
+//! stride 1 reads `X_n` as its own `cols_n`. The GEMM is the `gemm` crate that candle itself uses.
+//!
+//! DP-SGD's per-example weight gradients are the same products, not summed over examples:
+//! `∂W_n = ∂Y_n · cols_nᵀ`, from [`im2col`]'s `(N, C·k·k, Ho·Wo)` (see `dpsgd`).
 //! Tested against candle's `conv2d` on random shapes with odd sizes, strides and paddings.
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -17,7 +26,7 @@ use crate::error::Result;
 /// Which kernels compute the standard (non-depthwise) convolutions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvImpl {
-    /// im2col + GEMM forward and backward (this module). The default.
+    /// The fused per-example im2col + GEMM op of this module. The default.
     Im2col,
     /// candle's own `conv2d` (its backward uses `conv_transpose2d`). For comparison.
     Candle,
@@ -39,44 +48,65 @@ pub fn conv_impl() -> ConvImpl {
     }
 }
 
-/// `x (N, C, H, W)` convolved with `w (O, C, kh, kw)` (no groups, no dilation), with zero
-/// padding and stride as given: `(N, O, Ho, Wo)`.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    Ok(conv2d_with_cols(x, w, stride, padding)?.0)
-}
-
-/// [`conv2d`], also returning the im2col matrix `cols (C·kh·kw, N·Ho·Wo)` (DP-SGD computes
-/// per-example weight gradients from it, see `dpsgd`).
-pub(crate) fn conv2d_with_cols(
-    x: &Tensor,
-    w: &Tensor,
-    stride: usize,
-    padding: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (n, _, h, wd) = x.dims4()?;
-    let (o, c, kh, kw) = w.dims4()?;
-    let op = Im2Col {
+/// `x (N, C, H, W)` convolved with `w (O, C, kh, kw)` plus the bias `b (O)` (no groups, no
+/// dilation), with zero padding and stride as given: `(N, O, Ho, Wo)`.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    let (o, cw, kh, kw) = w.dims4()?;
+    if cw != c || b.dims() != [o] {
+        return Err(crate::error::ModelError::Config(format!(
+            "conv2d: input {:?}, weight {:?} and bias {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        )));
+    }
+    let op = Conv {
         kh,
         kw,
         stride,
         padding,
     };
-    let (ho, wo) = op.out_hw(h, wd)?;
-    let cols = x.contiguous()?.apply_op1(op)?;
-    let y = w.reshape((o, c * kh * kw))?.matmul(&cols)?; // (O, N·Ho·Wo)
-    Ok((y.reshape((o, n, ho, wo))?.transpose(0, 1)?, cols))
+    op.out_hw(x.dim(2)?, x.dim(3)?)?;
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?)
 }
 
-/// Unfolds `(N, C, H, W)` into `(C·kh·kw, N·Ho·Wo)`: row `(c, ky, kx)`, column `(n, oy, ox)`.
+/// The im2col unfolding of every example, `(N, C·kh·kw, Ho·Wo)` (no autograd): DP-SGD's
+/// per-example weight gradients are `∂Y_n · cols_nᵀ`.
+pub(crate) fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let op = Conv {
+        kh,
+        kw,
+        stride,
+        padding,
+    };
+    let (ho, wo) = op.out_hw(h, w)?;
+    let (ckk, p) = (c * kh * kw, ho * wo);
+    let mut cols = vec![0f32; n * ckk * p];
+    crate::cpu::with_f32(x, |xs| {
+        cols.par_chunks_mut(ckk * p)
+            .enumerate()
+            .for_each(|(i, dst)| op.unfold(&xs[i * c * h * w..(i + 1) * c * h * w], c, h, w, dst));
+        Ok(())
+    })?;
+    Ok(Tensor::from_vec(cols, (n, ckk, p), x.device())?)
+}
+
+/// Groups of examples whose weight gradients are summed separately in the backward pass.
+const GROUPS: usize = 8;
+
+/// Kernel geometry of one convolution.
 #[derive(Clone, Copy, Debug)]
-struct Im2Col {
+struct Conv {
     kh: usize,
     kw: usize,
     stride: usize,
     padding: usize,
 }
 
-impl Im2Col {
+impl Conv {
     fn out_hw(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
         if h + 2 * self.padding < self.kh || w + 2 * self.padding < self.kw || self.stride == 0 {
             candle_core::bail!(
@@ -91,6 +121,11 @@ impl Im2Col {
         ))
     }
 
+    /// A 1×1 kernel with stride 1 and no padding: the input is its own im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
     /// Range of output columns `ox` whose input column `ox·s − p + kx` lies in `0..w`, as
     /// `(first, end)`.
     fn valid(&self, k: usize, len: usize, out_len: usize) -> (usize, usize) {
@@ -100,87 +135,246 @@ impl Im2Col {
         let end = (len + self.padding).saturating_sub(k).div_ceil(s).min(out_len);
         (first.min(end), end)
     }
-}
 
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[n, c, h, w] = layout.dims() else {
-            candle_core::bail!("im2col expects a 4-d input, got {:?}", layout.dims())
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("im2col expects a contiguous input")
-        };
-        let x = &storage.as_slice::<f32>()?[start..end];
-        let (ho, wo) = self.out_hw(h, w)?;
+    /// Unfolds one example `x (C, H, W)` into `cols (C·kh·kw, Ho·Wo)`: row `(c, ky, kx)`,
+    /// column `(oy, ox)`. Every entry is written (zero where the kernel reads padding).
+    fn unfold(&self, x: &[f32], c: usize, h: usize, w: usize, cols: &mut [f32]) {
+        let (ho, wo) = self.out_hw(h, w).expect("checked by the caller");
         let (kh, kw, s, p) = (self.kh, self.kw, self.stride, self.padding);
-        let row_len = n * ho * wo;
-        let mut cols = vec![0f32; c * kh * kw * row_len];
-        cols.par_chunks_mut(row_len).enumerate().for_each(|(row, dst)| {
+        let row_len = ho * wo;
+        for (row, dst) in cols.chunks_mut(row_len).enumerate().take(c * kh * kw) {
             let (ch, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
             let (ox0, ox1) = self.valid(kx, w, wo);
-            for b in 0..n {
-                let plane = &x[(b * c + ch) * h * w..(b * c + ch + 1) * h * w];
-                for oy in 0..ho {
-                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
-                        continue;
-                    };
-                    let src = &plane[iy * w..(iy + 1) * w];
-                    let out = &mut dst[(b * ho + oy) * wo..(b * ho + oy + 1) * wo];
-                    if s == 1 {
-                        let i0 = ox0 + kx - p;
-                        out[ox0..ox1].copy_from_slice(&src[i0..i0 + (ox1 - ox0)]);
-                    } else {
-                        for (ox, o) in out.iter_mut().enumerate().take(ox1).skip(ox0) {
-                            *o = src[ox * s + kx - p];
-                        }
+            let plane = &x[ch * h * w..(ch + 1) * h * w];
+            for oy in 0..ho {
+                let out = &mut dst[oy * wo..(oy + 1) * wo];
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                    out.fill(0.0);
+                    continue;
+                };
+                let src = &plane[iy * w..(iy + 1) * w];
+                out[..ox0].fill(0.0);
+                out[ox1..].fill(0.0);
+                if s == 1 {
+                    let i0 = ox0 + kx - p;
+                    out[ox0..ox1].copy_from_slice(&src[i0..i0 + (ox1 - ox0)]);
+                } else {
+                    for (ox, o) in out.iter_mut().enumerate().take(ox1).skip(ox0) {
+                        *o = src[ox * s + kx - p];
                     }
                 }
             }
-        });
-        Ok((CpuStorage::F32(cols), Shape::from((c * kh * kw, row_len))))
+        }
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (n, c, h, w) = arg.dims4()?;
-        let (ho, wo) = self.out_hw(h, w)?;
+    /// col2im: adds each entry of `cols (C·kh·kw, Ho·Wo)` to the input position it was read
+    /// from, into `dx (C, H, W)` (which the caller zeroes).
+    fn fold(&self, cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
+        let (ho, wo) = self.out_hw(h, w).expect("checked by the caller");
         let (kh, kw, s, p) = (self.kh, self.kw, self.stride, self.padding);
-        let g = grad.contiguous()?;
-        let (g_storage, g_layout) = g.storage_and_layout();
-        let candle_core::Storage::Cpu(g_cpu) = &*g_storage else {
-            candle_core::bail!("im2col backward runs on the CPU only")
-        };
-        let Some((start, end)) = g_layout.contiguous_offsets() else {
-            candle_core::bail!("im2col backward expects a contiguous gradient")
-        };
-        let gc = &g_cpu.as_slice::<f32>()?[start..end];
-        let row_len = n * ho * wo;
-        // col2im: each (n, c) input plane sums the columns that read it.
-        let mut gx = vec![0f32; n * c * h * w];
-        gx.par_chunks_mut(h * w).enumerate().for_each(|(nc, plane)| {
-            let (b, ch) = (nc / c, nc % c);
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let row = &gc[((ch * kh + ky) * kw + kx) * row_len..][..row_len];
-                    let (ox0, ox1) = self.valid(kx, w, wo);
-                    for oy in 0..ho {
-                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
-                            continue;
-                        };
-                        let src = &row[(b * ho + oy) * wo..(b * ho + oy + 1) * wo];
-                        let dst = &mut plane[iy * w..(iy + 1) * w];
-                        for ox in ox0..ox1 {
-                            dst[ox * s + kx - p] += src[ox];
-                        }
+        let row_len = ho * wo;
+        for (row, src_row) in cols.chunks(row_len).enumerate().take(c * kh * kw) {
+            let (ch, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+            let (ox0, ox1) = self.valid(kx, w, wo);
+            let plane = &mut dx[ch * h * w..(ch + 1) * h * w];
+            for oy in 0..ho {
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                    continue;
+                };
+                let src = &src_row[oy * wo..(oy + 1) * wo];
+                let dst = &mut plane[iy * w..(iy + 1) * w];
+                if s == 1 {
+                    let i0 = ox0 + kx - p;
+                    for (d, v) in dst[i0..i0 + (ox1 - ox0)].iter_mut().zip(&src[ox0..ox1]) {
+                        *d += v;
+                    }
+                } else {
+                    for ox in ox0..ox1 {
+                        dst[ox * s + kx - p] += src[ox];
                     }
                 }
             }
-        });
-        drop(g_storage);
-        Ok(Some(Tensor::from_vec(gx, (n, c, h, w), arg.device())?))
+        }
+    }
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let &[n, c, h, w] = xl.dims() else {
+            candle_core::bail!("conv2d expects a 4-d input, got {:?}", xl.dims())
+        };
+        let o = wl.dims()[0];
+        let slice = |s: &CpuStorage, l: &Layout, what: &str| -> candle_core::Result<Vec<f32>> {
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("conv2d expects a contiguous {what}")
+            };
+            Ok(s.as_slice::<f32>()?[a..b].to_vec())
+        };
+        let (x, wt, bias) = (
+            slice(xs, xl, "input")?,
+            slice(ws, wl, "weight")?,
+            slice(bs, bl, "bias")?,
+        );
+        let (ho, wo) = self.out_hw(h, w)?;
+        let (ckk, p) = (c * self.kh * self.kw, ho * wo);
+        let mut y = vec![0f32; n * o * p];
+        y.par_chunks_mut(o * p).enumerate().for_each_init(
+            || vec![0f32; if self.is_pointwise() { 0 } else { ckk * p }],
+            |cols, (i, yn)| {
+                let xn = &x[i * c * h * w..(i + 1) * c * h * w];
+                let cols: &[f32] = if self.is_pointwise() {
+                    xn
+                } else {
+                    self.unfold(xn, c, h, w, cols);
+                    cols
+                };
+                for (row, &bv) in yn.chunks_mut(p).zip(&bias) {
+                    row.fill(bv);
+                }
+                crate::cpu::gemm(
+                    o,
+                    p,
+                    ckk,
+                    yn,
+                    true,
+                    crate::cpu::Mat::rows(&wt, ckk),
+                    crate::cpu::Mat::rows(cols, p),
+                );
+            },
+        );
+        Ok((CpuStorage::F32(y), Shape::from((n, o, ho, wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::cpu::{Mat, gemm, with_f32};
+        let (n, c, h, wd) = x.dims4()?;
+        let o = w.dim(0)?;
+        let (ho, wo) = self.out_hw(h, wd)?;
+        let (ckk, p, chw) = (c * self.kh * self.kw, ho * wo, c * h * wd);
+        let (need_dx, need_dw) = (x.track_op(), w.track_op() || b.track_op());
+        if !need_dx && !need_dw {
+            return Ok((None, None, None));
+        }
+        let mut dx = vec![0f32; if need_dx { n * chw } else { 0 }];
+        let (dw, db) = with_f32(x, |xs| {
+            with_f32(w, |ws| {
+                with_f32(grad, |gs| {
+                    // One (∂W, ∂b) accumulator and cols/∂cols buffers per group.
+                    let init = || {
+                        let scratch = if self.is_pointwise() { 0 } else { ckk * p };
+                        let acc = if need_dw { o * ckk } else { 0 };
+                        (
+                            vec![0f32; acc],
+                            vec![0f64; if need_dw { o } else { 0 }],
+                            vec![0f32; scratch],
+                            vec![0f32; scratch],
+                        )
+                    };
+                    let step =
+                        |(mut dw, mut db, mut cols, mut dcols): (Vec<f32>, Vec<f64>, Vec<f32>, Vec<f32>),
+                         i: usize,
+                         dxn: Option<&mut [f32]>| {
+                            let gn = &gs[i * o * p..(i + 1) * o * p];
+                            if need_dw {
+                                let xn = &xs[i * chw..(i + 1) * chw];
+                                let cn: &[f32] = if self.is_pointwise() {
+                                    xn
+                                } else {
+                                    self.unfold(xn, c, h, wd, &mut cols);
+                                    &cols
+                                };
+                                gemm(o, ckk, p, &mut dw, true, Mat::rows(gn, p), Mat::transposed(cn, p));
+                                for (d, row) in db.iter_mut().zip(gn.chunks(p)) {
+                                    *d += row.iter().map(|&v| f64::from(v)).sum::<f64>();
+                                }
+                            }
+                            if let Some(dxn) = dxn {
+                                if self.is_pointwise() {
+                                    gemm(ckk, p, o, dxn, false, Mat::transposed(ws, ckk), Mat::rows(gn, p));
+                                } else {
+                                    gemm(
+                                        ckk,
+                                        p,
+                                        o,
+                                        &mut dcols,
+                                        false,
+                                        Mat::transposed(ws, ckk),
+                                        Mat::rows(gn, p),
+                                    );
+                                    self.fold(&dcols, c, h, wd, dxn);
+                                }
+                            }
+                            (dw, db, cols, dcols)
+                        };
+                    // A fixed partition of the batch into contiguous groups, each summed in
+                    // order and the groups reduced in order: the gradient does not depend on
+                    // how rayon schedules the work (the same seed trains the same model).
+                    let per_group = n.div_ceil(GROUPS).max(1);
+                    let run_group = |g: usize, mut dxg: Option<&mut [f32]>| {
+                        let mut acc = init();
+                        for i in g * per_group..((g + 1) * per_group).min(n) {
+                            let dxn = dxg
+                                .as_deref_mut()
+                                .map(|d| &mut d[(i - g * per_group) * chw..][..chw]);
+                            acc = step(acc, i, dxn);
+                        }
+                        (acc.0, acc.1)
+                    };
+                    let partials: Vec<(Vec<f32>, Vec<f64>)> = if need_dx {
+                        dx.par_chunks_mut(per_group * chw)
+                            .enumerate()
+                            .map(|(g, dxg)| run_group(g, Some(dxg)))
+                            .collect()
+                    } else {
+                        (0..n.div_ceil(per_group))
+                            .into_par_iter()
+                            .map(|g| run_group(g, None))
+                            .collect()
+                    };
+                    let mut dw = vec![0f32; if need_dw { o * ckk } else { 0 }];
+                    let mut db = vec![0f64; if need_dw { o } else { 0 }];
+                    for (pw, pb) in partials {
+                        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+                        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+                    }
+                    Ok((dw, db))
+                })
+            })
+        })?;
+        let dev = x.device();
+        let dx = if need_dx {
+            Some(Tensor::from_vec(dx, (n, c, h, wd), dev)?)
+        } else {
+            None
+        };
+        if !need_dw {
+            return Ok((dx, None, None));
+        }
+        let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w.dims(), dev)?),
+            Some(Tensor::from_vec(db, o, dev)?),
+        ))
     }
 }
 
@@ -201,10 +395,22 @@ mod tests {
             .unwrap()
     }
 
+    fn scale(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0)
+    }
+
     #[test]
     fn matches_candle_conv2d_forward_and_backward() {
         let dev = Device::Cpu;
-        // (n, c, h, w, o, k, stride, padding): odd sizes, strides 1-3, paddings 0-2, 1×1 kernels.
+        // (n, c, h, w, o, k, stride, padding): odd sizes, strides 1-3, paddings 0-2, 1×1 kernels
+        // with and without stride (the pointwise shortcut), batch 1 and batches not divisible by
+        // the thread count.
         let shapes = [
             (2, 3, 7, 5, 4, 3, 1, 1),
             (1, 4, 8, 8, 6, 3, 2, 1),
@@ -212,35 +418,84 @@ mod tests {
             (2, 5, 11, 13, 3, 3, 2, 0),
             (1, 3, 10, 7, 2, 5, 3, 2),
             (2, 16, 16, 16, 8, 1, 2, 0),
+            (5, 7, 6, 9, 3, 1, 1, 0),
             (4, 3, 64, 64, 8, 3, 1, 1),
         ];
         for (n, c, h, w, o, k, stride, pad) in shapes {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap()).unwrap();
             let ker = Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, k, k), &dev).unwrap()).unwrap();
-            let ours = conv2d(x.as_tensor(), ker.as_tensor(), stride, pad).unwrap();
-            let theirs = x.as_tensor().conv2d(ker.as_tensor(), pad, stride, 1, 1).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, o, &dev).unwrap()).unwrap();
+            let ours = conv2d(x.as_tensor(), ker.as_tensor(), bias.as_tensor(), stride, pad).unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv2d(ker.as_tensor(), pad, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
             assert_eq!(ours.dims(), theirs.dims());
             let shape = (n, c, h, w, o, k, stride, pad);
-            assert!(max_diff(&ours, &theirs) < 1e-4, "forward {shape:?}");
+            assert!(
+                max_diff(&ours, &theirs) / scale(&theirs) < 1e-5,
+                "forward {shape:?}"
+            );
             let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
             let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&x, &ker] {
+            for v in [&x, &ker, &bias] {
                 let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .max(1.0);
+                assert_eq!(a.dims(), b.dims());
                 assert!(
-                    max_diff(a, b) / scale < 1e-4,
+                    max_diff(a, b) / scale(b) < 1e-4,
                     "gradient {shape:?}: {}",
                     max_diff(a, b)
                 );
             }
         }
+    }
+
+    #[test]
+    fn skips_the_gradients_nobody_asked_for() {
+        let dev = Device::Cpu;
+        // An untracked input (the first layer): weight and bias gradients only.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &dev).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap()).unwrap();
+        let y = conv2d(&x, w.as_tensor(), b.as_tensor(), 1, 1).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        assert_eq!(g.get(w.as_tensor()).unwrap().dims(), &[4, 3, 3, 3]);
+        // Detached weights (DP-SGD's activation-only pass): the input gradient only, and it
+        // equals the one computed with tracked weights.
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = conv2d(
+            xv.as_tensor(),
+            &w.as_tensor().detach(),
+            &b.as_tensor().detach(),
+            1,
+            1,
+        )
+        .unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let y2 = conv2d(xv.as_tensor(), w.as_tensor(), b.as_tensor(), 1, 1).unwrap();
+        let g2 = y2.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(w.as_tensor()).is_none());
+        assert!(max_diff(g.get(xv.as_tensor()).unwrap(), g2.get(xv.as_tensor()).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn im2col_times_weights_is_the_convolution() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 2, 7, 6), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &dev).unwrap();
+        let cols = im2col(&x, 3, 3, 2, 1).unwrap(); // (3, 18, Ho·Wo)
+        let y = w
+            .reshape((1, 4, 18))
+            .unwrap()
+            .broadcast_matmul(&cols)
+            .unwrap()
+            .reshape((3, 4, 4, 3))
+            .unwrap();
+        let want = x.conv2d(&w, 1, 2, 1, 1).unwrap();
+        assert!(max_diff(&y, &want) < 1e-4);
     }
 }

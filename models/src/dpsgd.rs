@@ -103,7 +103,7 @@ pub struct DpSpend {
 pub(crate) enum LayerInput {
     /// `x (B, D_in)`.
     Linear { x: Tensor },
-    /// The im2col matrix `(C·k·k, B·Ho·Wo)`.
+    /// The per-example im2col matrices `(B, C·k·k, Ho·Wo)`.
     Conv { cols: Tensor },
     /// `x (B, C, H, W)` and the kernel geometry.
     Depthwise {
@@ -281,16 +281,9 @@ fn layer_grads(input: &LayerInput, g: &Tensor) -> Result<(PerExample, PerExample
         )),
         LayerInput::Conv { cols } => {
             let (b, o, ho, wo) = g.dims4()?;
-            let p = ho * wo;
-            let ckk = cols.dim(0)?;
-            let g3 = g.reshape((b, o, p))?;
-            // (C·k·k, B·P) → (B, P, C·k·k) as a transposed view of a contiguous (B, C·k·k, P).
-            let cols_t = cols
-                .reshape((ckk, b, p))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .transpose(1, 2)?;
-            let dw = g3.matmul(&cols_t)?; // (B, O, C·k·k)
+            let g3 = g.reshape((b, o, ho * wo))?;
+            // ∂W_i = G_i · cols_iᵀ: (B, O, P) × (B, P, C·k·k), the transpose a strided view.
+            let dw = g3.matmul(&cols.transpose(1, 2)?)?; // (B, O, C·k·k)
             Ok((dense(&dw)?, dense(&g3.sum(2)?)?))
         }
         LayerInput::Depthwise {
@@ -481,6 +474,7 @@ pub fn train_local_dp(
     dp: &DpConfig,
 ) -> Result<TrainOutcome> {
     check_data(model, data)?;
+    crate::alloc::keep_freed_memory();
     dp.validate()?;
     if cfg.batch_size == 0 {
         return Err(ModelError::Config("batch size must be positive".into()));

@@ -24,14 +24,18 @@
 //! their own kernel. Both are tested against candle's reference ops, gradients included.
 //!
 //! Threads: candle's CPU kernels use rayon's global pool (all cores, or `RAYON_NUM_THREADS`).
+mod alloc;
 mod arch;
 mod conv;
+mod cpu;
 mod depthwise;
 pub mod dpsgd;
 mod error;
 mod model;
+pub mod ops;
 mod train;
 
+pub use alloc::keep_freed_memory;
 pub use arch::{Arch, Mode, ParamSpec};
 pub use conv::{ConvImpl, conv_impl, conv2d, set_conv_impl};
 pub use depthwise::depthwise_conv;

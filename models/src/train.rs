@@ -198,6 +198,7 @@ pub fn train_local(
     strategy: ClientStrategy<'_>,
 ) -> Result<TrainOutcome> {
     check_data(model, data)?;
+    crate::alloc::keep_freed_memory();
     if cfg.batch_size == 0 {
         return Err(ModelError::Config("batch size must be positive".into()));
     }
