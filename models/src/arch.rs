@@ -261,13 +261,21 @@ pub(crate) struct GroupNorm {
 
 impl GroupNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_relu(x, mode, false)
+    }
+
+    /// GroupNorm, followed by a ReLU in the same kernel when `relu` (except under DP-SGD, whose
+    /// tap must see the affine output: the ReLU is a separate op there).
+    fn forward_relu(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
         let (gamma, beta) = (weight(&self.gamma, mode), weight(&self.beta, mode));
-        let y = crate::ops::group_norm(x, &gamma, &beta, self.groups, GN_EPS)?;
+        let fused = relu && mode != Mode::Dp;
+        let y = crate::ops::group_norm(x, &gamma, &beta, self.groups, GN_EPS, fused)?;
         if mode == Mode::Dp {
             let input = crate::dpsgd::LayerInput::GroupNorm {
                 normed: crate::ops::group_normalize(x, self.groups, GN_EPS)?,
             };
-            return crate::dpsgd::tap(y, input, &self.gamma, &self.beta);
+            let y = crate::dpsgd::tap(y, input, &self.gamma, &self.beta)?;
+            return if relu { crate::ops::relu(&y) } else { Ok(y) };
         }
         Ok(y)
     }
@@ -305,13 +313,13 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = crate::ops::relu(&self.gn1.forward(&self.conv1.forward(x, mode)?, mode)?)?;
+        let y = self.gn1.forward_relu(&self.conv1.forward(x, mode)?, mode, true)?;
         let y = self.gn2.forward(&self.conv2.forward(&y, mode)?, mode)?;
         let skip = match &self.shortcut {
             Some((conv, gn)) => gn.forward(&conv.forward(x, mode)?, mode)?,
             None => x.clone(),
         };
-        crate::ops::relu(&(y + skip)?)
+        crate::ops::add_relu(&y, &skip)
     }
 }
 
@@ -339,7 +347,7 @@ impl ConvGn {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        crate::ops::relu(&self.gn.forward(&self.conv.forward(x, mode)?, mode)?)
+        self.gn.forward_relu(&self.conv.forward(x, mode)?, mode, true)
     }
 }
 
