@@ -230,9 +230,9 @@ impl CustomOp3 for Conv {
         let (ho, wo) = self.out_hw(h, w)?;
         let (ckk, p) = (c * self.kh * self.kw, ho * wo);
         let mut y = vec![0f32; n * o * p];
-        y.par_chunks_mut(o * p).enumerate().for_each_init(
-            || vec![0f32; if self.is_pointwise() { 0 } else { ckk * p }],
-            |cols, (i, yn)| {
+        let scratch = if self.is_pointwise() { 0 } else { ckk * p };
+        y.par_chunks_mut(o * p).enumerate().for_each(|(i, yn)| {
+            crate::cpu::with_scratch(scratch, 0, |cols, _| {
                 let xn = &x[i * c * h * w..(i + 1) * c * h * w];
                 let cols: &[f32] = if self.is_pointwise() {
                     xn
@@ -252,8 +252,8 @@ impl CustomOp3 for Conv {
                     crate::cpu::Mat::rows(&wt, ckk),
                     crate::cpu::Mat::rows(cols, p),
                 );
-            },
-        );
+            })
+        });
         Ok((CpuStorage::F32(y), Shape::from((n, o, ho, wo))))
     }
 
@@ -278,66 +278,62 @@ impl CustomOp3 for Conv {
         let (dw, db) = with_f32(x, |xs| {
             with_f32(w, |ws| {
                 with_f32(grad, |gs| {
-                    // One (∂W, ∂b) accumulator and cols/∂cols buffers per group.
-                    let init = || {
-                        let scratch = if self.is_pointwise() { 0 } else { ckk * p };
-                        let acc = if need_dw { o * ckk } else { 0 };
-                        (
-                            vec![0f32; acc],
-                            vec![0f64; if need_dw { o } else { 0 }],
-                            vec![0f32; scratch],
-                            vec![0f32; scratch],
-                        )
+                    // One example: adds its ∂W and ∂b to (dw, db), writes its ∂X into dxn.
+                    let step = |dw: &mut [f32],
+                                db: &mut [f64],
+                                cols: &mut [f32],
+                                dcols: &mut [f32],
+                                i: usize,
+                                dxn: Option<&mut [f32]>| {
+                        let gn = &gs[i * o * p..(i + 1) * o * p];
+                        if need_dw {
+                            let xn = &xs[i * chw..(i + 1) * chw];
+                            let cn: &[f32] = if self.is_pointwise() {
+                                xn
+                            } else {
+                                self.unfold(xn, c, h, wd, cols);
+                                cols
+                            };
+                            gemm(o, ckk, p, dw, true, Mat::rows(gn, p), Mat::transposed(cn, p));
+                            for (d, row) in db.iter_mut().zip(gn.chunks(p)) {
+                                *d += crate::cpu::lane_sum(row, row, |v, _| v);
+                            }
+                        }
+                        if let Some(dxn) = dxn {
+                            if self.is_pointwise() {
+                                gemm(ckk, p, o, dxn, false, Mat::transposed(ws, ckk), Mat::rows(gn, p));
+                            } else {
+                                gemm(
+                                    ckk,
+                                    p,
+                                    o,
+                                    dcols,
+                                    false,
+                                    Mat::transposed(ws, ckk),
+                                    Mat::rows(gn, p),
+                                );
+                                self.fold(dcols, c, h, wd, dxn);
+                            }
+                        }
                     };
-                    let step =
-                        |(mut dw, mut db, mut cols, mut dcols): (Vec<f32>, Vec<f64>, Vec<f32>, Vec<f32>),
-                         i: usize,
-                         dxn: Option<&mut [f32]>| {
-                            let gn = &gs[i * o * p..(i + 1) * o * p];
-                            if need_dw {
-                                let xn = &xs[i * chw..(i + 1) * chw];
-                                let cn: &[f32] = if self.is_pointwise() {
-                                    xn
-                                } else {
-                                    self.unfold(xn, c, h, wd, &mut cols);
-                                    &cols
-                                };
-                                gemm(o, ckk, p, &mut dw, true, Mat::rows(gn, p), Mat::transposed(cn, p));
-                                for (d, row) in db.iter_mut().zip(gn.chunks(p)) {
-                                    *d += row.iter().map(|&v| f64::from(v)).sum::<f64>();
-                                }
-                            }
-                            if let Some(dxn) = dxn {
-                                if self.is_pointwise() {
-                                    gemm(ckk, p, o, dxn, false, Mat::transposed(ws, ckk), Mat::rows(gn, p));
-                                } else {
-                                    gemm(
-                                        ckk,
-                                        p,
-                                        o,
-                                        &mut dcols,
-                                        false,
-                                        Mat::transposed(ws, ckk),
-                                        Mat::rows(gn, p),
-                                    );
-                                    self.fold(&dcols, c, h, wd, dxn);
-                                }
-                            }
-                            (dw, db, cols, dcols)
-                        };
                     // A fixed partition of the batch into contiguous groups, each summed in
                     // order and the groups reduced in order: the gradient does not depend on
                     // how rayon schedules the work (the same seed trains the same model).
+                    // One (∂W, ∂b) accumulator per group; cols/∂cols scratch per thread.
                     let per_group = n.div_ceil(GROUPS).max(1);
+                    let scratch = if self.is_pointwise() { 0 } else { ckk * p };
                     let run_group = |g: usize, mut dxg: Option<&mut [f32]>| {
-                        let mut acc = init();
-                        for i in g * per_group..((g + 1) * per_group).min(n) {
-                            let dxn = dxg
-                                .as_deref_mut()
-                                .map(|d| &mut d[(i - g * per_group) * chw..][..chw]);
-                            acc = step(acc, i, dxn);
-                        }
-                        (acc.0, acc.1)
+                        let mut dw = vec![0f32; if need_dw { o * ckk } else { 0 }];
+                        let mut db = vec![0f64; if need_dw { o } else { 0 }];
+                        crate::cpu::with_scratch(scratch, scratch, |cols, dcols| {
+                            for i in g * per_group..((g + 1) * per_group).min(n) {
+                                let dxn = dxg
+                                    .as_deref_mut()
+                                    .map(|d| &mut d[(i - g * per_group) * chw..][..chw]);
+                                step(&mut dw, &mut db, cols, dcols, i, dxn);
+                            }
+                        });
+                        (dw, db)
                     };
                     let partials: Vec<(Vec<f32>, Vec<f64>)> = if need_dx {
                         dx.par_chunks_mut(per_group * chw)

@@ -1,6 +1,50 @@
 //! Raw access to CPU tensors and the single-threaded GEMM, shared by the fused kernels
 //! (`conv`, `ops`, `depthwise`).
+use std::cell::RefCell;
+
 use candle_core::{Storage, Tensor};
+
+thread_local! {
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with two scratch buffers of at least `a` and `b` values, kept per thread across
+/// calls (no allocation and no zeroing per example: their contents are arbitrary, `f` must
+/// write before it reads). `f` must not re-enter (it must not run rayon work that could call
+/// `with_scratch` on this thread).
+pub(crate) fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (x, y) = &mut *s;
+        if x.len() < a {
+            x.resize(a, 0.0);
+        }
+        if y.len() < b {
+            y.resize(b, 0.0);
+        }
+        f(&mut x[..a], &mut y[..b])
+    })
+}
+
+/// Σ f(aᵢ, bᵢ) with eight f32 lanes over blocks of 512, the blocks summed in f64: vectorised,
+/// and accurate to ~10⁻⁷ relative for the sums the kernels need.
+#[inline(always)]
+pub(crate) fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut total = 0f64;
+    for (a, b) in a.chunks(512).zip(b.chunks(512)) {
+        let mut acc = [0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (a, b) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] += f(a[l], b[l]);
+            }
+        }
+        let tail: f32 = ra.iter().zip(rb).map(|(&a, &b)| f(a, b)).sum();
+        total += f64::from(acc.iter().sum::<f32>() + tail);
+    }
+    total
+}
 
 /// Runs `f` on the contiguous f32 data of `t` (copied to a contiguous layout first if needed).
 pub(crate) fn with_f32<R>(

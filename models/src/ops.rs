@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::with_f32;
+use crate::cpu::{lane_sum, with_f32};
 use crate::error::Result;
 
 /// Elements per rayon task in the element-wise passes.
@@ -128,26 +128,6 @@ impl CustomOp1 for MaxPool {
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
     }
-}
-
-/// Σ f(aᵢ, bᵢ) with eight f32 lanes over blocks of 512, the blocks summed in f64: vectorised,
-/// and accurate to ~10⁻⁷ relative for the sums the kernels below need.
-#[inline(always)]
-fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
-    let mut total = 0f64;
-    for (a, b) in a.chunks(512).zip(b.chunks(512)) {
-        let mut acc = [0f32; 8];
-        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-        let (ra, rb) = (ca.remainder(), cb.remainder());
-        for (a, b) in ca.zip(cb) {
-            for l in 0..8 {
-                acc[l] += f(a[l], b[l]);
-            }
-        }
-        let tail: f32 = ra.iter().zip(rb).map(|(&a, &b)| f(a, b)).sum();
-        total += f64::from(acc.iter().sum::<f32>() + tail);
-    }
-    total
 }
 
 /// `max(a + b, 0)` for two tensors of one shape (a residual connection and its ReLU), one op.
