@@ -143,6 +143,9 @@ pub struct SimulateArgs {
     /// Local optimiser.
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,
+    /// Heavy-ball momentum of `--optimizer sgd` (PyTorch's formulation; 0: plain SGD).
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f32,
     /// Close a round at its deadline with this many updates (default: all hospitals).
     #[arg(long)]
     pub quorum_min: Option<u32>,
@@ -400,13 +403,16 @@ fn prepare_data(args: &SimulateArgs, work: &Path) -> anyhow::Result<Prepared> {
 fn optimizer(args: &SimulateArgs) -> Optimizer {
     match args.optimizer {
         OptimizerArg::Adamw => Optimizer::adamw(args.lr),
-        OptimizerArg::Sgd => Optimizer::sgd(args.lr, 0.0),
+        OptimizerArg::Sgd => Optimizer::sgd(args.lr, args.momentum),
     }
 }
 
 fn validate(args: &SimulateArgs) -> anyhow::Result<Arch> {
     if args.hospitals == 0 {
         bail!("--hospitals must be at least 1");
+    }
+    if !(0.0..1.0).contains(&args.momentum) {
+        bail!("--momentum {} must be in [0, 1)", args.momentum);
     }
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
@@ -805,6 +811,8 @@ fn run_federated(
                 OptimizerArg::Adamw => "adamw",
                 OptimizerArg::Sgd => "sgd",
             })
+            .arg("--momentum")
+            .arg(args.momentum.to_string())
             .arg("--seed")
             .arg((args.seed + i as u64).to_string())
             .arg("--state-dir")

@@ -40,6 +40,8 @@ fn plain_step(model: &Model, x: &Tensor, y: &Tensor, out: &mut [f32]) -> anyhow:
 }
 
 fn main() -> anyhow::Result<()> {
+    // As training does (train_local calls it too): the steps below reuse freed buffers.
+    caduceus_models::keep_freed_memory();
     let mut data_dir = caduceus_dataset::data_dir()
         .unwrap_or_else(|| PathBuf::from("../shared/data"))
         .join("utkface-64");

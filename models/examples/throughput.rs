@@ -78,6 +78,8 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As training does (train_local calls it too): the steps below reuse freed buffers.
+    caduceus_models::keep_freed_memory();
     let args = parse_args()?;
     let t = Instant::now();
     let report = caduceus_dataset::import(&args.data_dir)?;

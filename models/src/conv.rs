@@ -16,6 +16,7 @@
 //! DP-SGD's per-example weight gradients are the same products, not summed over examples:
 //! `∂W_n = ∂Y_n · cols_nᵀ`, from [`im2col`]'s `(N, C·k·k, Ho·Wo)` (see `dpsgd`).
 //! Tested against candle's `conv2d` on random shapes with odd sizes, strides and paddings.
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -88,7 +89,7 @@ pub(crate) fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: u
     crate::cpu::with_f32(x, |xs| {
         cols.par_chunks_mut(ckk * p)
             .enumerate()
-            .for_each(|(i, dst)| op.unfold(&xs[i * c * h * w..(i + 1) * c * h * w], c, h, w, dst));
+            .for_each(|(i, dst)| op.unfold(&xs[i * c * h * w..(i + 1) * c * h * w], c, h, w, 0..ho, dst));
         Ok(())
     })?;
     Ok(Tensor::from_vec(cols, (n, ckk, p), x.device())?)
@@ -96,6 +97,9 @@ pub(crate) fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: u
 
 /// Groups of examples whose weight gradients are summed separately in the backward pass.
 const GROUPS: usize = 8;
+
+/// Target size in values (256 KB of f32) of the im2col block of the blocked loops.
+const BLOCK_VALUES: usize = 64 * 1024;
 
 /// Kernel geometry of one convolution.
 #[derive(Clone, Copy, Debug)]
@@ -136,18 +140,28 @@ impl Conv {
         (first.min(end), end)
     }
 
-    /// Unfolds one example `x (C, H, W)` into `cols (C·kh·kw, Ho·Wo)`: row `(c, ky, kx)`,
-    /// column `(oy, ox)`. Every entry is written (zero where the kernel reads padding).
-    fn unfold(&self, x: &[f32], c: usize, h: usize, w: usize, cols: &mut [f32]) {
-        let (ho, wo) = self.out_hw(h, w).expect("checked by the caller");
+    /// Output rows per block of the blocked loops: a block's `cols` (C·kh·kw × rows·Wo) stays
+    /// near 256 KB, so that it is still in cache when the GEMM packs it, but has at least 256
+    /// columns for the GEMM's sake.
+    fn block_rows(&self, c: usize, ho: usize, wo: usize) -> usize {
+        let ckk = c * self.kh * self.kw;
+        let rows = (BLOCK_VALUES / (ckk * wo).max(1)).max(256usize.div_ceil(wo.max(1)));
+        rows.clamp(1, ho.max(1))
+    }
+
+    /// Unfolds output rows `oys` of one example `x (C, H, W)` into `cols (C·kh·kw, |oys|·Wo)`:
+    /// row `(c, ky, kx)`, column `(oy, ox)`. Every entry is written (zero where the kernel
+    /// reads padding).
+    fn unfold(&self, x: &[f32], c: usize, h: usize, w: usize, oys: Range<usize>, cols: &mut [f32]) {
+        let (_, wo) = self.out_hw(h, w).expect("checked by the caller");
         let (kh, kw, s, p) = (self.kh, self.kw, self.stride, self.padding);
-        let row_len = ho * wo;
+        let row_len = oys.len() * wo;
         for (row, dst) in cols.chunks_mut(row_len).enumerate().take(c * kh * kw) {
             let (ch, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
             let (ox0, ox1) = self.valid(kx, w, wo);
             let plane = &x[ch * h * w..(ch + 1) * h * w];
-            for oy in 0..ho {
-                let out = &mut dst[oy * wo..(oy + 1) * wo];
+            for (r, oy) in oys.clone().enumerate() {
+                let out = &mut dst[r * wo..(r + 1) * wo];
                 let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
                     out.fill(0.0);
                     continue;
@@ -167,21 +181,21 @@ impl Conv {
         }
     }
 
-    /// col2im: adds each entry of `cols (C·kh·kw, Ho·Wo)` to the input position it was read
-    /// from, into `dx (C, H, W)` (which the caller zeroes).
-    fn fold(&self, cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
-        let (ho, wo) = self.out_hw(h, w).expect("checked by the caller");
+    /// col2im of output rows `oys`: adds each entry of `cols (C·kh·kw, |oys|·Wo)` to the input
+    /// position it was read from, into `dx (C, H, W)` (which the caller zeroes).
+    fn fold(&self, cols: &[f32], c: usize, h: usize, w: usize, oys: Range<usize>, dx: &mut [f32]) {
+        let (_, wo) = self.out_hw(h, w).expect("checked by the caller");
         let (kh, kw, s, p) = (self.kh, self.kw, self.stride, self.padding);
-        let row_len = ho * wo;
+        let row_len = oys.len() * wo;
         for (row, src_row) in cols.chunks(row_len).enumerate().take(c * kh * kw) {
             let (ch, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
             let (ox0, ox1) = self.valid(kx, w, wo);
             let plane = &mut dx[ch * h * w..(ch + 1) * h * w];
-            for oy in 0..ho {
+            for (r, oy) in oys.clone().enumerate() {
                 let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
                     continue;
                 };
-                let src = &src_row[oy * wo..(oy + 1) * wo];
+                let src = &src_row[r * wo..(r + 1) * wo];
                 let dst = &mut plane[iy * w..(iy + 1) * w];
                 if s == 1 {
                     let i0 = ox0 + kx - p;
@@ -212,6 +226,7 @@ impl CustomOp3 for Conv {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::cpu::{Mat, gemm, with_scratch};
         let &[n, c, h, w] = xl.dims() else {
             candle_core::bail!("conv2d expects a 4-d input, got {:?}", xl.dims())
         };
@@ -230,28 +245,34 @@ impl CustomOp3 for Conv {
         let (ho, wo) = self.out_hw(h, w)?;
         let (ckk, p) = (c * self.kh * self.kw, ho * wo);
         let mut y = vec![0f32; n * o * p];
-        let scratch = if self.is_pointwise() { 0 } else { ckk * p };
+        let rows = self.block_rows(c, ho, wo);
+        let scratch = if self.is_pointwise() { 0 } else { ckk * rows * wo };
         y.par_chunks_mut(o * p).enumerate().for_each(|(i, yn)| {
-            crate::cpu::with_scratch(scratch, 0, |cols, _| {
-                let xn = &x[i * c * h * w..(i + 1) * c * h * w];
-                let cols: &[f32] = if self.is_pointwise() {
-                    xn
-                } else {
-                    self.unfold(xn, c, h, w, cols);
-                    cols
-                };
-                for (row, &bv) in yn.chunks_mut(p).zip(&bias) {
-                    row.fill(bv);
+            let xn = &x[i * c * h * w..(i + 1) * c * h * w];
+            for (row, &bv) in yn.chunks_mut(p).zip(&bias) {
+                row.fill(bv);
+            }
+            if self.is_pointwise() {
+                gemm(o, p, ckk, yn, p, true, Mat::rows(&wt, ckk), Mat::rows(xn, p));
+                return;
+            }
+            with_scratch(scratch, 0, |cols, _| {
+                for oy0 in (0..ho).step_by(rows) {
+                    let oys = oy0..(oy0 + rows).min(ho);
+                    let len = oys.len() * wo;
+                    self.unfold(xn, c, h, w, oys, &mut cols[..ckk * len]);
+                    let dst = &mut yn[oy0 * wo..];
+                    gemm(
+                        o,
+                        len,
+                        ckk,
+                        dst,
+                        p,
+                        true,
+                        Mat::rows(&wt, ckk),
+                        Mat::rows(&cols[..ckk * len], len),
+                    );
                 }
-                crate::cpu::gemm(
-                    o,
-                    p,
-                    ckk,
-                    yn,
-                    true,
-                    crate::cpu::Mat::rows(&wt, ckk),
-                    crate::cpu::Mat::rows(cols, p),
-                );
             })
         });
         Ok((CpuStorage::F32(y), Shape::from((n, o, ho, wo))))
@@ -278,41 +299,58 @@ impl CustomOp3 for Conv {
         let (dw, db) = with_f32(x, |xs| {
             with_f32(w, |ws| {
                 with_f32(grad, |gs| {
-                    // One example: adds its ∂W and ∂b to (dw, db), writes its ∂X into dxn.
+                    // One example: adds its ∂W and ∂b to (dw, db), writes its ∂X into dxn, in
+                    // blocks of output rows (see `block_rows`).
+                    let rows = self.block_rows(c, ho, wo);
                     let step = |dw: &mut [f32],
                                 db: &mut [f64],
                                 cols: &mut [f32],
                                 dcols: &mut [f32],
                                 i: usize,
-                                dxn: Option<&mut [f32]>| {
+                                mut dxn: Option<&mut [f32]>| {
                         let gn = &gs[i * o * p..(i + 1) * o * p];
+                        let xn = &xs[i * chw..(i + 1) * chw];
                         if need_dw {
-                            let xn = &xs[i * chw..(i + 1) * chw];
-                            let cn: &[f32] = if self.is_pointwise() {
-                                xn
-                            } else {
-                                self.unfold(xn, c, h, wd, cols);
-                                cols
-                            };
-                            gemm(o, ckk, p, dw, true, Mat::rows(gn, p), Mat::transposed(cn, p));
                             for (d, row) in db.iter_mut().zip(gn.chunks(p)) {
                                 *d += crate::cpu::lane_sum(row, row, |v, _| v);
                             }
                         }
-                        if let Some(dxn) = dxn {
-                            if self.is_pointwise() {
-                                gemm(ckk, p, o, dxn, false, Mat::transposed(ws, ckk), Mat::rows(gn, p));
-                            } else {
+                        if self.is_pointwise() {
+                            if need_dw {
+                                gemm(o, ckk, p, dw, ckk, true, Mat::rows(gn, p), Mat::transposed(xn, p));
+                            }
+                            if let Some(dxn) = dxn {
                                 gemm(
                                     ckk,
                                     p,
                                     o,
-                                    dcols,
+                                    dxn,
+                                    p,
                                     false,
                                     Mat::transposed(ws, ckk),
                                     Mat::rows(gn, p),
                                 );
-                                self.fold(dcols, c, h, wd, dxn);
+                            }
+                            return;
+                        }
+                        for oy0 in (0..ho).step_by(rows) {
+                            let oys = oy0..(oy0 + rows).min(ho);
+                            let len = oys.len() * wo;
+                            // ∂Y_n restricted to these output rows: (O × len), row stride P.
+                            let g_block = Mat {
+                                data: &gn[oy0 * wo..],
+                                rs: p,
+                                cs: 1,
+                            };
+                            if need_dw {
+                                let cols = &mut cols[..ckk * len];
+                                self.unfold(xn, c, h, wd, oys.clone(), cols);
+                                gemm(o, ckk, len, dw, ckk, true, g_block, Mat::transposed(cols, len));
+                            }
+                            if let Some(dxn) = dxn.as_deref_mut() {
+                                let dcols = &mut dcols[..ckk * len];
+                                gemm(ckk, len, o, dcols, len, false, Mat::transposed(ws, ckk), g_block);
+                                self.fold(dcols, c, h, wd, oys, dxn);
                             }
                         }
                     };
@@ -321,7 +359,7 @@ impl CustomOp3 for Conv {
                     // how rayon schedules the work (the same seed trains the same model).
                     // One (∂W, ∂b) accumulator per group; cols/∂cols scratch per thread.
                     let per_group = n.div_ceil(GROUPS).max(1);
-                    let scratch = if self.is_pointwise() { 0 } else { ckk * p };
+                    let scratch = if self.is_pointwise() { 0 } else { ckk * rows * wo };
                     let run_group = |g: usize, mut dxg: Option<&mut [f32]>| {
                         let mut dw = vec![0f32; if need_dw { o * ckk } else { 0 }];
                         let mut db = vec![0f64; if need_dw { o } else { 0 }];
@@ -406,7 +444,7 @@ mod tests {
         let dev = Device::Cpu;
         // (n, c, h, w, o, k, stride, padding): odd sizes, strides 1-3, paddings 0-2, 1×1 kernels
         // with and without stride (the pointwise shortcut), batch 1 and batches not divisible by
-        // the thread count.
+        // the thread count, one or several row blocks.
         let shapes = [
             (2, 3, 7, 5, 4, 3, 1, 1),
             (1, 4, 8, 8, 6, 3, 2, 1),
@@ -416,6 +454,9 @@ mod tests {
             (2, 16, 16, 16, 8, 1, 2, 0),
             (5, 7, 6, 9, 3, 1, 1, 0),
             (4, 3, 64, 64, 8, 3, 1, 1),
+            // Several blocks of output rows, the last one partial (see `block_rows`).
+            (2, 32, 32, 32, 4, 3, 1, 1),
+            (1, 64, 40, 40, 4, 3, 2, 1),
         ];
         for (n, c, h, w, o, k, stride, pad) in shapes {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap()).unwrap();

@@ -92,18 +92,32 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst (m × n, row-major with row stride n) = [dst +] lhs (m × k) · rhs (k × n)` on the calling
-/// thread (the callers parallelise over examples). `accumulate` adds to `dst` instead of
-/// overwriting it.
-pub(crate) fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) {
-    assert!(dst.len() >= m * n, "gemm: destination too small");
+/// `dst (m × n, row-major with row stride dst_rs ≥ n) = [dst +] lhs (m × k) · rhs (k × n)` on
+/// the calling thread (the callers parallelise over examples). `accumulate` adds to `dst`
+/// instead of overwriting it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) {
+    assert!(dst_rs >= n, "gemm: destination rows overlap");
+    assert!(
+        m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n,
+        "gemm: destination too small"
+    );
     assert!(lhs.fits(m, k) && rhs.fits(k, n), "gemm: operand too small");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            dst.chunks_mut(dst_rs).take(m).for_each(|row| row[..n].fill(0.0));
         }
         return;
     }
@@ -116,7 +130,7 @@ pub(crate) fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bo
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,
@@ -144,7 +158,16 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let bt: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect(); // (n × k)
         let mut c = vec![1f32; m * n];
-        gemm(m, n, k, &mut c, true, Mat::rows(&a, k), Mat::transposed(&bt, k));
+        gemm(
+            m,
+            n,
+            k,
+            &mut c,
+            n,
+            true,
+            Mat::rows(&a, k),
+            Mat::transposed(&bt, k),
+        );
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = 1.0 + (0..k).map(|l| a[i * k + l] * bt[j * k + l]).sum::<f32>();
