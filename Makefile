@@ -105,9 +105,13 @@ api-demo: cluster-up ## The API on a real local control plane: CRDs and every ex
 	$$k get caduceus -A
 
 # Benchmarks run in the dev profile that the demo and the tests use: dependencies at opt-level 2, our hot
-# crates at 3 (see Cargo.toml), so no second (release) build of candle and tfhe is needed.
+# crates, candle and gemm at 3 without debug assertions (see Cargo.toml), so no second (release) build of
+# candle and tfhe is needed. The PyTorch baseline is installed from PyPI into a cached venv
+# (tools/torch/setup.sh) on first use.
 BENCH_IMAGES ?= 1024
-BENCH_STEPS ?= 12
+BENCH_STEPS ?= 24
+# Rounds of the trainer-vs-PyTorch comparison (ours and PyTorch alternate; medians are compared).
+BENCH_ROUNDS ?= 3
 
 EXAMPLES := $(CARGO_TARGET_DIR)/debug/examples
 
@@ -118,9 +122,10 @@ bench: ## Benchmarks, each reported as a ratio against a baseline measured in th
 	$(CARGO) build -q --workspace --examples
 	@echo "== FedAvg over 10 updates of 11M float32 parameters vs a plain copy of the same bytes"
 	$(EXAMPLES)/fedavg_bench --updates 10 --params 11000000 --reps 5
-	@echo "== Trainer throughput per model (images/s, forward+backward+optimiser), im2col vs candle conv2d"
-	$(EXAMPLES)/throughput --images $(BENCH_IMAGES) --steps $(BENCH_STEPS) --batch 64 \
-		--archs small-cnn,resnet8,mobilenet --conv im2col,candle
+	@echo "== Trainer throughput per model (images/s, forward+backward+AdamW) against PyTorch 2.15 (CPU), same run"
+	BENCH_IMAGES=$(BENCH_IMAGES) BENCH_STEPS=$(BENCH_STEPS) ROUNDS=$(BENCH_ROUNDS) bench/training.sh $(EXAMPLES)/throughput
+	@echo "== The same with candle's own conv2d instead of the fused im2col + GEMM convolution"
+	$(EXAMPLES)/throughput --images $(BENCH_IMAGES) --steps 4 --batch 64 --archs small-cnn,resnet8 --conv candle
 	@echo "== Secure aggregation (TFHE packed additive codec) per 1M parameters and 10 hospitals vs plaintext"
 	RAYON_NUM_THREADS=1 $(EXAMPLES)/he_bench --values 1000000 --hospitals 10 --reps 2
 	@echo "== Exact discrete-Gaussian DP noise"

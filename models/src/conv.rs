@@ -244,14 +244,22 @@ impl CustomOp3 for Conv {
         );
         let (ho, wo) = self.out_hw(h, w)?;
         let (ckk, p) = (c * self.kh * self.kw, ho * wo);
-        let mut y = vec![0f32; n * o * p];
+        // The bias initialises the output (every element), then each example's GEMM adds W·cols.
+        // SAFETY: the rows of length `p` cover all n·o·p elements and each is filled.
+        let mut y = unsafe {
+            crate::cpu::uninit_vec(n * o * p, |y| {
+                y.par_chunks_mut(p).enumerate().for_each(|(r, row)| {
+                    let b = bias[r % o];
+                    row.iter_mut().for_each(|v| {
+                        v.write(b);
+                    });
+                })
+            })
+        };
         let rows = self.block_rows(c, ho, wo);
         let scratch = if self.is_pointwise() { 0 } else { ckk * rows * wo };
         y.par_chunks_mut(o * p).enumerate().for_each(|(i, yn)| {
             let xn = &x[i * c * h * w..(i + 1) * c * h * w];
-            for (row, &bv) in yn.chunks_mut(p).zip(&bias) {
-                row.fill(bv);
-            }
             if self.is_pointwise() {
                 gemm(o, p, ckk, yn, p, true, Mat::rows(&wt, ckk), Mat::rows(xn, p));
                 return;

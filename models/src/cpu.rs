@@ -1,6 +1,7 @@
 //! Raw access to CPU tensors and the single-threaded GEMM, shared by the fused kernels
 //! (`conv`, `ops`, `depthwise`).
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use candle_core::{Storage, Tensor};
 
@@ -60,6 +61,19 @@ pub(crate) fn with_f32<R>(
         candle_core::bail!("expected a contiguous tensor")
     };
     f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// A vector of `len` values written by `init` without being zero-filled first (the outputs of
+/// the kernels are written whole; zeroing them first was a measurable pass of its own).
+///
+/// # Safety
+/// `init` must write every element of the slice it is given.
+pub(crate) unsafe fn uninit_vec(len: usize, init: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    init(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's `init` initialised all `len` elements.
+    unsafe { v.set_len(len) };
+    v
 }
 
 /// A row-major matrix view: element `(i, j)` is `data[i·rs + j·cs]`.

@@ -37,14 +37,18 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous(s, l, "relu")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x.max(0.0);
-                }
-            });
+        // SAFETY: the chunks of `y` and `x` pair up one to one, and every element is written.
+        let y = unsafe {
+            crate::cpu::uninit_vec(x.len(), |y| {
+                y.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK))
+                    .for_each(|(y, x)| {
+                        for (y, &x) in y.iter_mut().zip(x) {
+                            y.write(x.max(0.0));
+                        }
+                    })
+            })
+        };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -288,32 +292,37 @@ impl CustomOp3 for GroupNorm {
             contiguous(bs, bl, "group norm")?,
         );
         let (cg, hw) = (c / self.groups, h * w);
-        let mut y = vec![0f32; n * c * hw];
-        if cg * hw > 0 {
-            y.par_chunks_mut(cg * hw).enumerate().for_each(|(ng, out)| {
-                let src = &x[ng * cg * hw..(ng + 1) * cg * hw];
-                let (mean, rstd) = self.stats(src);
-                let c0 = (ng % self.groups) * cg;
-                for (j, (o, s)) in out.chunks_mut(hw).zip(src.chunks(hw)).enumerate() {
-                    // Centre first: folding the mean into the shift would cancel
-                    // catastrophically when the variance is small against the mean.
-                    let (m, a, b) = (
-                        mean as f32,
-                        (rstd * f64::from(gamma[c0 + j])) as f32,
-                        beta[c0 + j],
-                    );
-                    if self.relu {
-                        for (o, &v) in o.iter_mut().zip(s) {
-                            *o = ((v - m) * a + b).max(0.0);
-                        }
-                    } else {
-                        for (o, &v) in o.iter_mut().zip(s) {
-                            *o = (v - m) * a + b;
+        if cg * hw == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), xl.shape().clone()));
+        }
+        // SAFETY: one chunk per (example, group), each written whole below.
+        let y = unsafe {
+            crate::cpu::uninit_vec(n * c * hw, |y| {
+                y.par_chunks_mut(cg * hw).enumerate().for_each(|(ng, out)| {
+                    let src = &x[ng * cg * hw..(ng + 1) * cg * hw];
+                    let (mean, rstd) = self.stats(src);
+                    let c0 = (ng % self.groups) * cg;
+                    for (j, (o, s)) in out.chunks_mut(hw).zip(src.chunks(hw)).enumerate() {
+                        // Centre first: folding the mean into the shift would cancel
+                        // catastrophically when the variance is small against the mean.
+                        let (m, a, b) = (
+                            mean as f32,
+                            (rstd * f64::from(gamma[c0 + j])) as f32,
+                            beta[c0 + j],
+                        );
+                        if self.relu {
+                            for (o, &v) in o.iter_mut().zip(s) {
+                                o.write(((v - m) * a + b).max(0.0));
+                            }
+                        } else {
+                            for (o, &v) in o.iter_mut().zip(s) {
+                                o.write((v - m) * a + b);
+                            }
                         }
                     }
-                }
-            });
-        }
+                })
+            })
+        };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
