@@ -140,6 +140,25 @@ impl Conv {
         (first.min(end), end)
     }
 
+    /// For stride 1 with the width kept (`Wo == W`, "same" padding): the column shift `kx − p`
+    /// of kernel column `kx`, under which a block of output rows reads one contiguous run of
+    /// the input plane. `None` otherwise (the row-by-row path).
+    fn row_shift(&self, kx: usize, w: usize, wo: usize) -> Option<isize> {
+        let shift = kx as isize - self.padding as isize;
+        (self.stride == 1 && wo == w && shift.unsigned_abs() < wo).then_some(shift)
+    }
+
+    /// The rows `r` of block `oys` (as offsets into it) whose input row `oy + ky − p` exists.
+    fn valid_rows(&self, ky: usize, h: usize, oys: &Range<usize>) -> (usize, usize) {
+        let first = self.padding.saturating_sub(ky).max(oys.start);
+        let end = (h + self.padding).saturating_sub(ky).min(oys.end);
+        if first < end {
+            (first - oys.start, end - oys.start)
+        } else {
+            (0, 0)
+        }
+    }
+
     /// Output rows per block of the blocked loops: a block's `cols` (C·kh·kw × rows·Wo) stays
     /// near 256 KB, so that it is still in cache when the GEMM packs it, but has at least 256
     /// columns for the GEMM's sake.
@@ -160,6 +179,25 @@ impl Conv {
             let (ch, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
             let (ox0, ox1) = self.valid(kx, w, wo);
             let plane = &x[ch * h * w..(ch + 1) * h * w];
+            if let Some(shift) = self.row_shift(kx, w, wo) {
+                // Stride 1, width kept: the block's valid rows are one contiguous run of the
+                // input plane, shifted by kx − p; then the columns that wrapped around from the
+                // neighbouring input row are zeroed (they read padding).
+                let (r0, r1) = self.valid_rows(ky, h, &oys);
+                dst[..r0 * wo].fill(0.0);
+                dst[r1 * wo..].fill(0.0);
+                if r1 > r0 {
+                    let start = ((oys.start + r0 + ky - p) * w) as isize + shift;
+                    let out = &mut dst[r0 * wo..r1 * wo];
+                    let (j0, j1) = clip_run(start, out.len(), plane.len());
+                    out[..j0].fill(0.0);
+                    out[j1..].fill(0.0);
+                    let from = (start + j0 as isize) as usize;
+                    out[j0..j1].copy_from_slice(&plane[from..from + (j1 - j0)]);
+                    zero_wrapped(out, wo, shift);
+                }
+                continue;
+            }
             for (r, oy) in oys.clone().enumerate() {
                 let out = &mut dst[r * wo..(r + 1) * wo];
                 let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
@@ -183,14 +221,30 @@ impl Conv {
 
     /// col2im of output rows `oys`: adds each entry of `cols (C·kh·kw, |oys|·Wo)` to the input
     /// position it was read from, into `dx (C, H, W)` (which the caller zeroes).
-    fn fold(&self, cols: &[f32], c: usize, h: usize, w: usize, oys: Range<usize>, dx: &mut [f32]) {
+    /// `cols` is scratch: the entries that correspond to padding may be zeroed.
+    fn fold(&self, cols: &mut [f32], c: usize, h: usize, w: usize, oys: Range<usize>, dx: &mut [f32]) {
         let (_, wo) = self.out_hw(h, w).expect("checked by the caller");
         let (kh, kw, s, p) = (self.kh, self.kw, self.stride, self.padding);
         let row_len = oys.len() * wo;
-        for (row, src_row) in cols.chunks(row_len).enumerate().take(c * kh * kw) {
+        for (row, src_row) in cols.chunks_mut(row_len).enumerate().take(c * kh * kw) {
             let (ch, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
             let (ox0, ox1) = self.valid(kx, w, wo);
             let plane = &mut dx[ch * h * w..(ch + 1) * h * w];
+            if let Some(shift) = self.row_shift(kx, w, wo) {
+                // As in `unfold`: one contiguous run, after zeroing the wrapped columns.
+                let (r0, r1) = self.valid_rows(ky, h, &oys);
+                if r1 > r0 {
+                    let src = &mut src_row[r0 * wo..r1 * wo];
+                    zero_wrapped(src, wo, shift);
+                    let start = ((oys.start + r0 + ky - p) * w) as isize + shift;
+                    let (j0, j1) = clip_run(start, src.len(), plane.len());
+                    let to = (start + j0 as isize) as usize;
+                    for (d, v) in plane[to..to + (j1 - j0)].iter_mut().zip(&src[j0..j1]) {
+                        *d += v;
+                    }
+                }
+                continue;
+            }
             for (r, oy) in oys.clone().enumerate() {
                 let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
                     continue;
@@ -208,6 +262,29 @@ impl Conv {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The part `j0..j1` of a run `start + 0..len` that lies inside `0..plane_len`.
+fn clip_run(start: isize, len: usize, plane_len: usize) -> (usize, usize) {
+    let j0 = (-start).clamp(0, len as isize) as usize;
+    let j1 = (plane_len as isize - start).clamp(j0 as isize, len as isize) as usize;
+    (j0, j1)
+}
+
+/// Zeroes, in each row of `wo` values, the columns that a shift of `shift` reads from outside
+/// the row (the padding).
+fn zero_wrapped(rows: &mut [f32], wo: usize, shift: isize) {
+    let n = shift.unsigned_abs();
+    if n == 0 {
+        return;
+    }
+    for row in rows.chunks_mut(wo) {
+        if shift < 0 {
+            row[..n].fill(0.0);
+        } else {
+            row[wo - n..].fill(0.0);
         }
     }
 }
@@ -462,6 +539,10 @@ mod tests {
             (2, 16, 16, 16, 8, 1, 2, 0),
             (5, 7, 6, 9, 3, 1, 1, 0),
             (4, 3, 64, 64, 8, 3, 1, 1),
+            // "Same" padding with stride 1 (the contiguous-run path of unfold/fold): 5×5 kernels
+            // (shifts up to ±2), and a one-column image where the shift is as wide as the row.
+            (2, 3, 6, 4, 3, 5, 1, 2),
+            (2, 2, 5, 1, 3, 3, 1, 1),
             // Several blocks of output rows, the last one partial (see `block_rows`).
             (2, 32, 32, 32, 4, 3, 1, 1),
             (1, 64, 40, 40, 4, 3, 2, 1),

@@ -18,12 +18,15 @@
 //! - [`evaluate`] / [`predict`] / [`accuracy`]: batched, no gradient graph.
 //!
 //! Input: the `f32` NCHW batches of [`caduceus_dataset::ImageSet`] (3×64×64 for UTKFace).
-//! Convolutions run as im2col + GEMM with a col2im backward ([`conv2d`]) instead of candle's
-//! `conv2d`, whose backward uses a slow direct `conv_transpose2d`; [`set_conv_impl`] switches
-//! back for comparison (`--conv candle` in the throughput example). Depthwise convolutions have
-//! their own kernel. Both are tested against candle's reference ops, gradients included.
+//! The training hot path runs in fused CPU kernels (issue 9; `docs/benchmarks.md`, "Training
+//! speed"): convolution + bias as one op, per-example im2col + GEMM in cache-sized blocks with a
+//! col2im backward ([`conv2d`], instead of candle's `conv2d`, whose backward uses a slow direct
+//! `conv_transpose2d`; [`set_conv_impl`] switches back for comparison, `--conv candle` in the
+//! throughput example); ReLU, max-pool, GroupNorm (+ReLU) and the residual add+ReLU in [`ops`];
+//! depthwise convolutions in their own kernel. All are tested against candle's reference ops,
+//! gradients included. Training keeps freed memory in the heap ([`keep_freed_memory`]).
 //!
-//! Threads: candle's CPU kernels use rayon's global pool (all cores, or `RAYON_NUM_THREADS`).
+//! Threads: the kernels and candle's use rayon's global pool (all cores, or `RAYON_NUM_THREADS`).
 mod alloc;
 mod arch;
 mod conv;
