@@ -217,7 +217,9 @@ fn dp_run_records_epsilon_per_hospital_and_stops_a_hospital_at_its_budget() {
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("DP-SGD: σ=1.5") && stdout.contains("ε spent"),
+        stdout.contains("hospital-0: σ=1.5000")
+            && stdout.contains("hospital-1: σ=1.5000")
+            && stdout.contains("ε spent"),
         "{stdout}"
     );
     let r = StudyResults::load(&res).unwrap();
