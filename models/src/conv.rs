@@ -308,16 +308,11 @@ impl CustomOp3 for Conv {
             candle_core::bail!("conv2d expects a 4-d input, got {:?}", xl.dims())
         };
         let o = wl.dims()[0];
-        let slice = |s: &CpuStorage, l: &Layout, what: &str| -> candle_core::Result<Vec<f32>> {
-            let Some((a, b)) = l.contiguous_offsets() else {
-                candle_core::bail!("conv2d expects a contiguous {what}")
-            };
-            Ok(s.as_slice::<f32>()?[a..b].to_vec())
-        };
+        use crate::cpu::contiguous;
         let (x, wt, bias) = (
-            slice(xs, xl, "input")?,
-            slice(ws, wl, "weight")?,
-            slice(bs, bl, "bias")?,
+            contiguous(xs, xl, "conv2d input")?,
+            contiguous(ws, wl, "conv2d weight")?,
+            contiguous(bs, bl, "conv2d bias")?,
         );
         let (ho, wo) = self.out_hw(h, w)?;
         let (ckk, p) = (c * self.kh * self.kw, ho * wo);
@@ -338,7 +333,7 @@ impl CustomOp3 for Conv {
         y.par_chunks_mut(o * p).enumerate().for_each(|(i, yn)| {
             let xn = &x[i * c * h * w..(i + 1) * c * h * w];
             if self.is_pointwise() {
-                gemm(o, p, ckk, yn, p, true, Mat::rows(&wt, ckk), Mat::rows(xn, p));
+                gemm(o, p, ckk, yn, p, true, Mat::rows(wt, ckk), Mat::rows(xn, p));
                 return;
             }
             with_scratch(scratch, 0, |cols, _| {
@@ -354,7 +349,7 @@ impl CustomOp3 for Conv {
                         dst,
                         p,
                         true,
-                        Mat::rows(&wt, ckk),
+                        Mat::rows(wt, ckk),
                         Mat::rows(&cols[..ckk * len], len),
                     );
                 }
@@ -503,26 +498,7 @@ mod tests {
 
     use super::*;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    fn scale(t: &Tensor) -> f32 {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1.0)
-    }
+    use crate::cpu::testing::{max_diff, max_rel_diff};
 
     #[test]
     fn matches_candle_conv2d_forward_and_backward() {
@@ -560,10 +536,7 @@ mod tests {
                 .unwrap();
             assert_eq!(ours.dims(), theirs.dims());
             let shape = (n, c, h, w, o, k, stride, pad);
-            assert!(
-                max_diff(&ours, &theirs) / scale(&theirs) < 1e-5,
-                "forward {shape:?}"
-            );
+            assert!(max_rel_diff(&ours, &theirs) < 1e-5, "forward {shape:?}");
             let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
             let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -571,7 +544,7 @@ mod tests {
                 let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
                 assert_eq!(a.dims(), b.dims());
                 assert!(
-                    max_diff(a, b) / scale(b) < 1e-4,
+                    max_rel_diff(a, b) < 1e-4,
                     "gradient {shape:?}: {}",
                     max_diff(a, b)
                 );

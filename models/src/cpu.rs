@@ -3,7 +3,7 @@
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
-use candle_core::{Storage, Tensor};
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -45,6 +45,14 @@ pub(crate) fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64
         total += f64::from(acc.iter().sum::<f32>() + tail);
     }
     total
+}
+
+/// The f32 data of a custom op's contiguous input (`what` names it in the error).
+pub(crate) fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what} must be contiguous")
+    };
+    Ok(&s.as_slice::<f32>()?[a..b])
 }
 
 /// Runs `f` on the contiguous f32 data of `t` (copied to a contiguous layout first if needed).
@@ -159,6 +167,27 @@ pub(crate) fn gemm(
             false,
             gemm::Parallelism::None,
         )
+    }
+}
+
+/// Comparisons for the kernels' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::Tensor;
+
+    /// max |a − b|.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
+        d.and_then(|d| d.to_scalar::<f32>()).expect("same shapes")
+    }
+
+    /// max |a − b| / max(1, max |b|).
+    pub(crate) fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b
+            .abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>());
+        max_diff(a, b) / scale.expect("a tensor").max(1.0)
     }
 }
 

@@ -105,14 +105,6 @@ impl Depthwise {
     }
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("depthwise conv expects contiguous tensors"),
-    }
-}
-
 impl CustomOp2 for Depthwise {
     fn name(&self) -> &'static str {
         "depthwise-conv2d"
@@ -126,8 +118,8 @@ impl CustomOp2 for Depthwise {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims(l1.dims(), l2.dims())?;
-        let x = contiguous(s1, l1)?;
-        let w = contiguous(s2, l2)?;
+        let x = crate::cpu::contiguous(s1, l1, "depthwise conv input")?;
+        let w = crate::cpu::contiguous(s2, l2, "depthwise conv weight")?;
         let plane_in = d.h * d.w;
         let plane_out = d.ho * d.wo;
         let mut out = vec![0f32; d.n * d.c * plane_out];

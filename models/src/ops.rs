@@ -10,18 +10,11 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{lane_sum, with_f32};
+use crate::cpu::{contiguous, lane_sum, with_f32};
 use crate::error::Result;
 
 /// Elements per rayon task in the element-wise passes.
 const CHUNK: usize = 1 << 14;
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op} expects a contiguous input")
-    };
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
 
 /// `max(x, 0)`; the backward passes the gradient where the output is positive.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
@@ -36,7 +29,7 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, "relu")?;
+        let x = contiguous(s, l, "relu input")?;
         // SAFETY: the chunks of `y` and `x` pair up one to one, and every element is written.
         let y = unsafe {
             crate::cpu::uninit_vec(x.len(), |y| {
@@ -78,7 +71,7 @@ impl CustomOp1 for MaxPool {
         let &[n, c, h, w] = l.dims() else {
             candle_core::bail!("max-pool expects a 4-d input, got {:?}", l.dims())
         };
-        let x = contiguous(s, l, "max-pool")?;
+        let x = contiguous(s, l, "max-pool input")?;
         let (ho, wo) = (h / 2, w / 2);
         let mut y = vec![0f32; n * c * ho * wo];
         if ho * wo > 0 {
@@ -160,7 +153,10 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (contiguous(s1, l1, "add-relu")?, contiguous(s2, l2, "add-relu")?);
+        let (a, b) = (
+            contiguous(s1, l1, "add-relu input")?,
+            contiguous(s2, l2, "add-relu input")?,
+        );
         let mut y = Vec::with_capacity(a.len());
         a.par_iter()
             .zip(b.par_iter())
@@ -286,10 +282,10 @@ impl CustomOp3 for GroupNorm {
         let &[n, c, h, w] = xl.dims() else {
             candle_core::bail!("group norm expects a 4-d input, got {:?}", xl.dims())
         };
-        let x = contiguous(xs, xl, "group norm")?;
+        let x = contiguous(xs, xl, "group norm input")?;
         let (gamma, beta) = (
-            contiguous(gs, gl, "group norm")?,
-            contiguous(bs, bl, "group norm")?,
+            contiguous(gs, gl, "group norm scale")?,
+            contiguous(bs, bl, "group norm shift")?,
         );
         let (cg, hw) = (c / self.groups, h * w);
         if cg * hw == 0 {
@@ -433,24 +429,7 @@ mod tests {
 
     use super::*;
 
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        d / b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1.0)
-    }
+    use crate::cpu::testing::max_rel_diff;
 
     /// Checks `ours` against `theirs` forward and through backward with a random cotangent, for
     /// every variable in `vars`.
