@@ -198,7 +198,10 @@ fn default_retries() -> u32 {
 #[x_kube(
     validation = Rule::new("!(has(self.epochs) && has(self.steps))")
         .message("set either training.epochs or training.steps, not both")
-        .field_path(".steps")
+        .field_path(".steps"),
+    validation = Rule::new("!has(self.momentum) || self.momentum == 0.0 || self.optimizer == 'SGD'")
+        .message("training.momentum applies to optimizer SGD only")
+        .field_path(".momentum")
 )]
 pub struct LocalTrainingSpec {
     /// Local epochs per round.
@@ -217,6 +220,14 @@ pub struct LocalTrainingSpec {
     #[serde(default = "default_learning_rate")]
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 10.0").message("learningRate must be in (0, 10]"))]
     pub learning_rate: f64,
+    /// Local optimiser. Under DP-SGD, SGD with momentum is usually the better choice
+    /// (docs/privacy.md, "Choosing C, the batch and the learning rate").
+    #[serde(default)]
+    pub optimizer: LocalOptimizer,
+    /// Heavy-ball momentum of the SGD optimiser (PyTorch's formulation); 0 is plain SGD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self < 1.0").message("momentum must be in [0, 1)"))]
+    pub momentum: Option<f64>,
 }
 
 impl Default for LocalTrainingSpec {
@@ -226,8 +237,21 @@ impl Default for LocalTrainingSpec {
             steps: None,
             batch_size: default_batch_size(),
             learning_rate: default_learning_rate(),
+            optimizer: LocalOptimizer::default(),
+            momentum: None,
         }
     }
+}
+
+/// The optimiser of local training.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LocalOptimizer {
+    /// AdamW (decoupled weight decay 0.01).
+    #[default]
+    AdamW,
+    /// SGD, with `momentum` if set.
+    #[serde(rename = "SGD")]
+    Sgd,
 }
 
 fn default_batch_size() -> u32 {

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use caduceus_crds::study::{PrivacyPlan, SecureAggregationMode, SensitiveAttribute, Strategy};
+use caduceus_crds::study::{
+    LocalOptimizer, PrivacyPlan, SecureAggregationMode, SensitiveAttribute, Strategy,
+};
 use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound, TrainingRoundSpec};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::Job;
@@ -399,6 +401,14 @@ pub fn trainer_job(
         ("CADUCEUS_BATCH_SIZE", s.training.batch_size.to_string()),
         ("CADUCEUS_LR", s.training.learning_rate.to_string()),
         (
+            "CADUCEUS_OPTIMIZER",
+            match s.training.optimizer {
+                LocalOptimizer::AdamW => "adamw",
+                LocalOptimizer::Sgd => "sgd",
+            }
+            .into(),
+        ),
+        (
             "CADUCEUS_SEED",
             (r as u64 * 1000 + round.spec.attempt as u64).to_string(),
         ),
@@ -406,6 +416,9 @@ pub fn trainer_job(
         ("CADUCEUS_SUMMARY_PATH", TERMINATION_LOG.into()),
         ("CADUCEUS_RETRY_SECS", s.rounds.deadline_seconds.to_string()),
     ];
+    if let Some(m) = s.training.momentum {
+        e.push(("CADUCEUS_MOMENTUM", m.to_string()));
+    }
     if !sensitive.is_empty() {
         e.push(("CADUCEUS_SENSITIVE", sensitive.join(",")));
     }
@@ -599,6 +612,43 @@ spec:
         assert_eq!(e["CADUCEUS_SHARD"], "/var/lib/caduceus/data/shard");
         assert_eq!(e["CADUCEUS_HOSPITAL"], "north-st-mary");
         assert_eq!(job.spec.as_ref().unwrap().backoff_limit, Some(0));
+    }
+
+    #[test]
+    fn trainer_job_passes_the_local_optimiser() {
+        let mut st = study(false);
+        let mut round = training_round(&st, 0, 0, vec!["north/st-mary".into()]);
+        round.metadata.uid = Some("r0".into());
+        let s = settings(EndpointMode::Service);
+        let ep = endpoint(&st, &s, None).unwrap();
+        let plan = plan::privacy_plan(&st.spec).unwrap();
+        let e = env_of(&trainer_job(
+            &st,
+            &round,
+            &hospital(),
+            &s,
+            &ep,
+            plan.as_ref(),
+            None,
+        ));
+        assert_eq!(e["CADUCEUS_OPTIMIZER"], "adamw");
+        assert!(!e.contains_key("CADUCEUS_MOMENTUM"));
+
+        st.spec.training.optimizer = LocalOptimizer::Sgd;
+        st.spec.training.momentum = Some(0.9);
+        st.spec.training.learning_rate = 0.03;
+        let e = env_of(&trainer_job(
+            &st,
+            &round,
+            &hospital(),
+            &s,
+            &ep,
+            plan.as_ref(),
+            None,
+        ));
+        assert_eq!(e["CADUCEUS_OPTIMIZER"], "sgd");
+        assert_eq!(e["CADUCEUS_MOMENTUM"], "0.9");
+        assert_eq!(e["CADUCEUS_LR"], "0.03");
     }
 
     #[test]
