@@ -97,6 +97,38 @@ pub struct DpSpend {
     pub noise_std: f64,
     /// Mean Poisson batch size over the steps taken.
     pub mean_batch: f64,
+    /// How the clip norm compared with the unclipped per-example gradient norms. Not private
+    /// (computed from the examples without noise): for the hospital's own logs only, never sent.
+    pub clipping: ClipStats,
+}
+
+/// Unclipped per-example gradient norms of a DP-SGD run against its clip norm C: what to look at
+/// when choosing C (`docs/privacy.md`, "Choosing C, the batch and the learning rate").
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct ClipStats {
+    /// Fraction of the per-example gradients (over all steps) whose norm exceeded C.
+    pub clipped_fraction: f64,
+    /// 10th, 50th and 90th percentile of the unclipped norms (nearest rank); 0 with no examples.
+    pub norm_p10: f64,
+    pub norm_median: f64,
+    pub norm_p90: f64,
+}
+
+impl ClipStats {
+    /// From the unclipped norms and the clip factors `min(1, C/‖g‖)` of every example.
+    pub fn from_norms(norms: &mut [f64], clipped: usize) -> ClipStats {
+        if norms.is_empty() {
+            return ClipStats::default();
+        }
+        norms.sort_by(f64::total_cmp);
+        let at = |q: f64| norms[((norms.len() - 1) as f64 * q).round() as usize];
+        ClipStats {
+            clipped_fraction: clipped as f64 / norms.len() as f64,
+            norm_p10: at(0.1),
+            norm_median: at(0.5),
+            norm_p90: at(0.9),
+        }
+    }
 }
 
 /// What a layer's DP forward recorded about its input.
@@ -500,6 +532,7 @@ pub fn train_local_dp(
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     let (mut seen, mut loss_sum) = (0usize, 0f64);
     let mut sampled = Vec::new();
+    let (mut all_norms, mut clipped) = (Vec::new(), 0usize);
     for step in 0..total_steps {
         sampled.clear();
         sampled.extend((0..n).filter(|_| sampler.random_bool(dp.sample_rate)));
@@ -516,6 +549,8 @@ pub fn train_local_dp(
                 *s += v;
             }
             loss_sum += part.losses.iter().map(|&l| f64::from(l)).sum::<f64>();
+            clipped += part.factors.iter().filter(|&&f| f < 1.0).count();
+            all_norms.extend_from_slice(&part.norms);
         }
         seen += sampled.len();
         let noisy = noise
@@ -552,6 +587,7 @@ pub fn train_local_dp(
             } else {
                 seen as f64 / total_steps as f64
             },
+            clipping: ClipStats::from_norms(&mut all_norms, clipped),
         }),
     })
 }

@@ -42,7 +42,7 @@ pub use alloc::keep_freed_memory;
 pub use arch::{Arch, Mode, ParamSpec};
 pub use conv::{ConvImpl, conv_impl, conv2d, set_conv_impl};
 pub use depthwise::depthwise_conv;
-pub use dpsgd::{DpConfig, DpSpend, train_local_dp};
+pub use dpsgd::{ClipStats, DpConfig, DpSpend, train_local_dp};
 pub use error::{ModelError, Result};
 pub use model::{META_ARCH, META_CLASSES, META_FORMAT, Model};
 pub use train::{

@@ -248,3 +248,47 @@ fn bad_dp_settings_are_refused_by_name() {
         assert!(e.to_string().contains(word), "{e}");
     }
 }
+
+#[test]
+fn clip_statistics_count_the_examples_above_c() {
+    use caduceus_models::ClipStats;
+    let mut norms = vec![5.0, 0.5, 3.0, 9.0, 1.0, 2.0, 4.0, 8.0, 7.0, 6.0, 0.1];
+    let s = ClipStats::from_norms(&mut norms, 4);
+    assert_eq!(s.norm_median, 4.0);
+    assert_eq!(s.norm_p10, 0.5);
+    assert_eq!(s.norm_p90, 8.0);
+    assert!((s.clipped_fraction - 4.0 / 11.0).abs() < 1e-12);
+    assert_eq!(ClipStats::from_norms(&mut [], 0), ClipStats::default());
+
+    // A real run: with C far below every norm all examples are clipped, far above none is, and the
+    // norms (unclipped) do not depend on C.
+    let data = synthetic(24);
+    let cfg = TrainConfig {
+        epochs: 0,
+        max_steps: Some(2),
+        batch_size: 8,
+        ..TrainConfig::default()
+    };
+    let mut stats = Vec::new();
+    for clip_norm in [1e-6, 1e6] {
+        let mut model = Model::build(Arch::SmallCnn, 2, 3).unwrap();
+        let dp = DpConfig {
+            noise_multiplier: 1.0,
+            clip_norm,
+            sample_rate: 0.5,
+        };
+        let out = train_local_dp(&mut model, &data, &cfg, ClientStrategy::FedAvg, &dp).unwrap();
+        stats.push(out.privacy.unwrap().clipping);
+    }
+    assert_eq!(stats[0].clipped_fraction, 1.0, "{:?}", stats[0]);
+    assert_eq!(stats[1].clipped_fraction, 0.0, "{:?}", stats[1]);
+    for s in &stats {
+        assert!(
+            s.norm_p10 > 1e-6
+                && s.norm_p10 <= s.norm_median
+                && s.norm_median <= s.norm_p90
+                && s.norm_p90 < 1e6,
+            "{s:?}"
+        );
+    }
+}

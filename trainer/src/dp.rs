@@ -231,6 +231,8 @@ pub struct RoundPrivacy {
     /// Standard deviation of the noise actually added to the clipped sum (≥ σ·C).
     pub noise_std: f64,
     pub mean_batch: f64,
+    /// Unclipped per-example gradient norms against C (local only: not private, never sent).
+    pub clipping: caduceus_models::ClipStats,
     /// ε spent by this hospital so far (PLD accountant) at `delta`.
     pub epsilon_spent: f64,
     pub delta: f64,
@@ -259,6 +261,7 @@ pub fn record_spend(
             clip_norm: spend.clip_norm,
             noise_std: spend.noise_std,
             mean_batch: spend.mean_batch,
+            clipping: spend.clipping,
             epsilon_spent,
             delta: args.dp.dp_delta,
         },

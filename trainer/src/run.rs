@@ -397,6 +397,8 @@ impl Trainer<'_> {
             round,
             val_accuracy = ?report.val_accuracy,
             train_loss = ?report.train_loss,
+            clipped_fraction = ?report.privacy.as_ref().map(|p| p.clipping.clipped_fraction),
+            grad_norm_median = ?report.privacy.as_ref().map(|p| p.clipping.norm_median),
             seconds = report.round_seconds,
             "round done"
         );
