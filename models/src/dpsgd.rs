@@ -98,7 +98,8 @@ pub struct DpSpend {
     /// Mean Poisson batch size over the steps taken.
     pub mean_batch: f64,
     /// How the clip norm compared with the unclipped per-example gradient norms. Not private
-    /// (computed from the examples without noise): for the hospital's own logs only, never sent.
+    /// (computed from the examples without noise): for the hospital's own summary and logs, never
+    /// sent to the aggregator.
     pub clipping: ClipStats,
 }
 

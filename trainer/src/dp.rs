@@ -231,7 +231,7 @@ pub struct RoundPrivacy {
     /// Standard deviation of the noise actually added to the clipped sum (≥ σ·C).
     pub noise_std: f64,
     pub mean_batch: f64,
-    /// Unclipped per-example gradient norms against C (local only: not private, never sent).
+    /// Unclipped per-example gradient norms against C (not private: never sent to the aggregator).
     pub clipping: caduceus_models::ClipStats,
     /// ε spent by this hospital so far (PLD accountant) at `delta`.
     pub epsilon_spent: f64,
