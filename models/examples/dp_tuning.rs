@@ -15,15 +15,13 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use caduceus_dataset::{Attribute, ImageSet, LoaderConfig, Manifest};
 use caduceus_models::dpsgd::{DpConfig, clipped_gradient_sum, train_local_dp};
-use caduceus_models::{Arch, ClientStrategy, Model, Optimizer, TrainConfig, evaluate, train_local};
+use caduceus_models::{
+    Arch, ClientStrategy, ClipStats, Model, Optimizer, TrainConfig, evaluate, train_local,
+};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
 
 fn main() -> anyhow::Result<()> {
     let mut data_dir = caduceus_dataset::data_dir()
@@ -90,11 +88,9 @@ fn main() -> anyhow::Result<()> {
         }
     };
     for round in 0..=rounds {
-        let probe_norms = {
-            let mut n = clipped_gradient_sum(&model, &px, &py, clip)?.norms;
-            n.sort_by(f64::total_cmp);
-            n
-        };
+        let probe = clipped_gradient_sum(&model, &px, &py, clip)?;
+        let clipped = probe.factors.iter().filter(|&&f| f < 1.0).count();
+        let norms = ClipStats::from_norms(&mut probe.norms.clone(), clipped);
         let e = evaluate(&model, &val, 256)?;
         let w: f64 = model
             .flatten()?
@@ -103,12 +99,13 @@ fn main() -> anyhow::Result<()> {
             .sum::<f64>()
             .sqrt();
         println!(
-            "round {round}: val acc {:.4} loss {:.4} | ‖w‖ {w:.2} | per-example ‖g‖ p10 {:.3} p50 {:.3} p90 {:.3}",
+            "round {round}: val acc {:.4} loss {:.4} | ‖w‖ {w:.2} | per-example ‖g‖ p10 {:.3} p50 {:.3} p90 {:.3}, {:.0}% above C",
             e.accuracy,
             e.loss,
-            quantile(&probe_norms, 0.1),
-            quantile(&probe_norms, 0.5),
-            quantile(&probe_norms, 0.9)
+            norms.norm_p10,
+            norms.norm_median,
+            norms.norm_p90,
+            100.0 * norms.clipped_fraction
         );
         if round == rounds {
             break;

@@ -622,30 +622,25 @@ spec:
         let s = settings(EndpointMode::Service);
         let ep = endpoint(&st, &s, None).unwrap();
         let plan = plan::privacy_plan(&st.spec).unwrap();
-        let e = env_of(&trainer_job(
-            &st,
-            &round,
-            &hospital(),
-            &s,
-            &ep,
-            plan.as_ref(),
-            None,
-        ));
+        let env = |st: &FederatedStudy| {
+            env_of(&trainer_job(
+                st,
+                &round,
+                &hospital(),
+                &s,
+                &ep,
+                plan.as_ref(),
+                None,
+            ))
+        };
+        let e = env(&st);
         assert_eq!(e["CADUCEUS_OPTIMIZER"], "adamw");
         assert!(!e.contains_key("CADUCEUS_MOMENTUM"));
 
         st.spec.training.optimizer = LocalOptimizer::Sgd;
         st.spec.training.momentum = Some(0.9);
         st.spec.training.learning_rate = 0.03;
-        let e = env_of(&trainer_job(
-            &st,
-            &round,
-            &hospital(),
-            &s,
-            &ep,
-            plan.as_ref(),
-            None,
-        ));
+        let e = env(&st);
         assert_eq!(e["CADUCEUS_OPTIMIZER"], "sgd");
         assert_eq!(e["CADUCEUS_MOMENTUM"], "0.9");
         assert_eq!(e["CADUCEUS_LR"], "0.03");
