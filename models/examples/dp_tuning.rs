@@ -88,9 +88,9 @@ fn main() -> anyhow::Result<()> {
         }
     };
     for round in 0..=rounds {
-        let probe = clipped_gradient_sum(&model, &px, &py, clip)?;
+        let mut probe = clipped_gradient_sum(&model, &px, &py, clip)?;
         let clipped = probe.factors.iter().filter(|&&f| f < 1.0).count();
-        let norms = ClipStats::from_norms(&mut probe.norms.clone(), clipped);
+        let norms = ClipStats::from_norms(&mut probe.norms, clipped);
         let e = evaluate(&model, &val, 256)?;
         let w: f64 = model
             .flatten()?
