@@ -15,6 +15,11 @@ pub mod kernels;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta, ModelStore, TensorMeta};
 
+/// Largest `num_examples` one update may claim (2³²). The count comes from the network, so it is
+/// bounded: far above any hospital's training set, and small enough that the sum over any number of
+/// hospitals the study can hold fits in a u64 (sums are checked as well).
+pub const MAX_NUM_EXAMPLES: u64 = 1 << 32;
+
 /// A server-side aggregation rule.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "name", rename_all = "lowercase")]
@@ -80,6 +85,12 @@ pub enum AggregationError {
     },
     #[error("updates carry zero training examples in total; FedAvg weights are undefined")]
     ZeroExamples,
+    #[error(
+        "update from {hospital} claims num_examples = {num_examples}, above the maximum of {MAX_NUM_EXAMPLES}"
+    )]
+    TooManyExamples { hospital: String, num_examples: u64 },
+    #[error("the updates' num_examples overflow a 64-bit sum")]
+    ExampleCountOverflow,
     #[error("SCAFFOLD update from {hospital} has no control-variate delta")]
     MissingControl { hospital: String },
     #[error("SCAFFOLD needs a server control variate in the global state")]
@@ -122,9 +133,17 @@ pub struct AggregationReport {
     pub total_examples: u64,
 }
 
+/// Σ n, checked: [`AggregationError::ExampleCountOverflow`] instead of wrapping.
+pub fn total_examples(num_examples: impl IntoIterator<Item = u64>) -> Result<u64, AggregationError> {
+    num_examples
+        .into_iter()
+        .try_fold(0u64, |acc, n| acc.checked_add(n))
+        .ok_or(AggregationError::ExampleCountOverflow)
+}
+
 /// Normalised FedAvg weights `n_i / Σ n`.
 pub fn fedavg_weights(num_examples: &[u64]) -> Result<Vec<f64>, AggregationError> {
-    let total: u64 = num_examples.iter().sum();
+    let total = total_examples(num_examples.iter().copied())?;
     if total == 0 {
         return Err(AggregationError::ZeroExamples);
     }
@@ -162,6 +181,12 @@ pub fn aggregate(
     }
     let d = state.params.len();
     for u in updates {
+        if u.num_examples > MAX_NUM_EXAMPLES {
+            return Err(AggregationError::TooManyExamples {
+                hospital: u.hospital.to_string(),
+                num_examples: u.num_examples,
+            });
+        }
         if u.delta.len() != d {
             return Err(AggregationError::ShapeMismatch {
                 hospital: u.hospital.to_string(),
@@ -170,7 +195,7 @@ pub fn aggregate(
             });
         }
     }
-    let total_examples: u64 = updates.iter().map(|u| u.num_examples).sum();
+    let total_examples = total_examples(updates.iter().map(|u| u.num_examples))?;
     let deltas: Vec<&[f32]> = updates.iter().map(|u| u.delta).collect();
     let step_weights: Vec<f64> = match strategy {
         Strategy::FedAvg | Strategy::FedProx { .. } => match weights {
@@ -423,8 +448,56 @@ mod tests {
             .unwrap_err(),
             AggregationError::ZeroExamples
         );
+        let err = aggregate(
+            &Strategy::FedAvg,
+            &mut s,
+            &[upd("big", u64::MAX, &[1.0, 1.0], None)],
+            1,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            AggregationError::TooManyExamples {
+                num_examples: u64::MAX,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("num_examples"), "{err}");
         assert!(Strategy::FedProx { mu: -1.0 }.validate().is_err());
         assert!(Strategy::Scaffold { server_lr: 0.0 }.validate().is_err());
+    }
+
+    #[test]
+    fn example_counts_that_would_overflow_the_sum_are_refused() {
+        // Each count alone is a valid u64; their sum is not.
+        assert_eq!(
+            fedavg_weights(&[u64::MAX / 2 + 1, u64::MAX / 2 + 1]),
+            Err(AggregationError::ExampleCountOverflow)
+        );
+        assert_eq!(
+            total_examples([u64::MAX, 1]),
+            Err(AggregationError::ExampleCountOverflow)
+        );
+        assert_eq!(total_examples([MAX_NUM_EXAMPLES, MAX_NUM_EXAMPLES]), Ok(1 << 33));
+        // At the documented maximum per update, aggregation works.
+        let mut s = GlobalState {
+            params: vec![0.0],
+            control: None,
+        };
+        let r = aggregate(
+            &Strategy::FedAvg,
+            &mut s,
+            &[
+                upd("a", MAX_NUM_EXAMPLES, &[2.0], None),
+                upd("b", MAX_NUM_EXAMPLES, &[4.0], None),
+            ],
+            2,
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.total_examples, 1 << 33);
+        close(&s.params, &[3.0]);
     }
 
     #[test]

@@ -116,6 +116,12 @@ pub struct AggregatorArgs {
     /// Per-round deadline in seconds, counted from the moment the round opens.
     #[arg(long, env = "CADUCEUS_ROUND_DEADLINE_SECS", default_value_t = 600)]
     pub round_deadline_secs: u64,
+    /// Cut off an update upload (DEADLINE_EXCEEDED) that sends no message for this many seconds.
+    #[arg(long, env = "CADUCEUS_UPLOAD_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub upload_idle_timeout_secs: u64,
+    /// Cut off an update upload (DEADLINE_EXCEEDED) that takes longer than this many seconds in all.
+    #[arg(long, env = "CADUCEUS_UPLOAD_TIMEOUT_SECS", default_value_t = 600)]
+    pub upload_timeout_secs: u64,
     /// PEM server certificate (its SANs must include the name trainers dial).
     #[arg(long, env = "CADUCEUS_TLS_CERT")]
     pub tls_cert: PathBuf,
@@ -189,6 +195,10 @@ pub struct StudyConfig {
     /// Last round of hospitals that leave early (see `--hospital-last-round`).
     pub last_rounds: std::collections::BTreeMap<String, u32>,
     pub round_deadline: Duration,
+    /// An upload that sends nothing for this long is cut off.
+    pub upload_idle_timeout: Duration,
+    /// An upload that lasts longer than this is cut off.
+    pub upload_timeout: Duration,
     pub arch: Arch,
     pub num_classes: usize,
     pub init_seed: u64,
@@ -266,6 +276,12 @@ impl AggregatorArgs {
         if self.round_deadline_secs == 0 {
             bail!("--round-deadline-secs must be positive");
         }
+        if self.upload_idle_timeout_secs == 0 {
+            bail!("--upload-idle-timeout-secs must be positive");
+        }
+        if self.upload_timeout_secs == 0 {
+            bail!("--upload-timeout-secs must be positive");
+        }
         let arch: Arch = self
             .arch
             .parse()
@@ -337,6 +353,8 @@ impl AggregatorArgs {
             quorum_max,
             last_rounds,
             round_deadline: Duration::from_secs(self.round_deadline_secs),
+            upload_idle_timeout: Duration::from_secs(self.upload_idle_timeout_secs),
+            upload_timeout: Duration::from_secs(self.upload_timeout_secs),
             arch,
             num_classes: self.num_classes,
             init_seed: self.init_seed,

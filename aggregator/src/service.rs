@@ -652,11 +652,29 @@ impl Study {
                             "steps": p.steps,
                             "clip_norm": p.clip_norm,
                         })),
+                        // The evaluation counts' own Gaussian mechanism (one release), under DP.
+                        "evaluation_privacy": r.evaluation.privacy.as_ref().map(|p| serde_json::json!({
+                            "noise_multiplier": p.noise_multiplier,
+                            "noise_std": p.noise_std,
+                            "sensitivity": p.sensitivity,
+                        })),
                     }),
                 )
             })
             .collect();
         record.extra.insert("hospitals".into(), serde_json::json!(local));
+        // Under DP every summed count carries the noise of each noised hospital's count: report its
+        // standard deviation, so that readers of the counts can judge small groups.
+        let noise_var: f64 = received
+            .values()
+            .filter_map(|r| r.evaluation.privacy.as_ref())
+            .map(|p| p.noise_std * p.noise_std)
+            .sum();
+        if noise_var > 0.0 {
+            record
+                .extra
+                .insert("evaluation_noise_std".into(), serde_json::json!(noise_var.sqrt()));
+        }
 
         if *phase == Phase::FinalEvaluation {
             record
@@ -817,10 +835,11 @@ impl Study {
             .map(|h| (*h).clone())
             .zip(ints.iter().map(|&w| f64::from(w) / int_total as f64))
             .collect();
-        record.extra.insert(
-            "train_examples".into(),
-            serde_json::json!(received.values().map(|r| r.num_examples).sum::<u64>()),
-        );
+        let train_examples = caduceus_aggregation::total_examples(received.values().map(|r| r.num_examples))
+            .map_err(|e| e.to_string())?;
+        record
+            .extra
+            .insert("train_examples".into(), serde_json::json!(train_examples));
         record.extra.insert(
             "secure_aggregation".into(),
             serde_json::json!({
@@ -984,6 +1003,59 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Refuses an update's `num_examples` that FedAvg cannot use: 0 in a training update (no weight),
+/// or above [`caduceus_aggregation::MAX_NUM_EXAMPLES`] in any update.
+fn check_num_examples(num_examples: u64, evaluation_only: bool) -> Result<(), Status> {
+    use caduceus_aggregation::MAX_NUM_EXAMPLES;
+    if num_examples > MAX_NUM_EXAMPLES {
+        return Err(Status::invalid_argument(format!(
+            "num_examples is {num_examples}, above the maximum of {MAX_NUM_EXAMPLES}"
+        )));
+    }
+    if num_examples == 0 && !evaluation_only {
+        return Err(Status::invalid_argument(
+            "num_examples is 0: an update must say how many examples trained it",
+        ));
+    }
+    Ok(())
+}
+
+/// The time limits of one upload: each message must arrive within the idle timeout, and the whole
+/// upload within the upload timeout. A client that stops sending (or trickles) is cut off with
+/// DEADLINE_EXCEEDED, which frees its upload slot.
+struct UploadLimits {
+    idle: std::time::Duration,
+    total: std::time::Duration,
+    deadline: Instant,
+}
+
+impl UploadLimits {
+    fn start(cfg: &StudyConfig) -> Self {
+        Self {
+            idle: cfg.upload_idle_timeout,
+            total: cfg.upload_timeout,
+            deadline: Instant::now() + cfg.upload_timeout,
+        }
+    }
+
+    /// The next message of the upload, or the end of the stream.
+    async fn next(&self, stream: &mut Streaming<UpdateChunk>) -> Result<Option<UpdateChunk>, Status> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let wait = left.min(self.idle);
+        match tokio::time::timeout(wait, stream.message()).await {
+            Ok(r) => r,
+            Err(_) if wait < self.idle => Err(Status::deadline_exceeded(format!(
+                "the upload took longer than {} s (--upload-timeout-secs) and is cut off",
+                self.total.as_secs()
+            ))),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no message for {} s (--upload-idle-timeout-secs): the upload is cut off",
+                self.idle.as_secs()
+            ))),
+        }
+    }
+}
+
 fn chunk_status(e: ChunkError) -> Status {
     match e {
         ChunkError::Encrypted { .. } => Status::unimplemented(format!(
@@ -1062,7 +1134,8 @@ impl FederationService {
         let study = &*self.study;
         let hospital = peer_hospital(study, &req)?;
         let mut stream = req.into_inner();
-        let header: UpdateHeader = match stream.message().await? {
+        let limits = UploadLimits::start(&study.cfg);
+        let header: UpdateHeader = match limits.next(&mut stream).await? {
             Some(UpdateChunk {
                 kind: Some(update_chunk::Kind::Header(h)),
             }) => h,
@@ -1146,6 +1219,7 @@ impl FederationService {
         }
         let evaluation = evaluation_from_proto(&header.evaluation.clone().unwrap_or_default())
             .map_err(Status::invalid_argument)?;
+        check_num_examples(header.num_examples, evaluation_only)?;
         let mut encrypted = Vec::new();
         let (delta, control_delta) = if let (Some(sa), false) = (&study.cfg.secagg, evaluation_only) {
             if !header.secure_aggregation {
@@ -1166,19 +1240,15 @@ impl FederationService {
                     header.num_parameters, study.cfg.arch
                 )));
             }
-            if header.num_examples == 0 {
-                return Err(Status::invalid_argument(
-                    "num_examples is 0: an update must say how many examples trained it",
-                ));
-            }
-            encrypted = receive_encrypted(study, sa, &hospital, round, expected_len, &mut stream).await?;
+            encrypted =
+                receive_encrypted(study, sa, &hospital, round, expected_len, &mut stream, &limits).await?;
             (Vec::new(), None)
         } else if !evaluation_only && header.secure_aggregation {
             return Err(Status::failed_precondition(
                 "encrypted update, but secure aggregation is not enabled on this aggregator",
             ));
         } else if evaluation_only {
-            if stream.message().await?.is_some() {
+            if limits.next(&mut stream).await?.is_some() {
                 return Err(Status::invalid_argument(
                     "an evaluation-only update carries no parameter chunks",
                 ));
@@ -1191,11 +1261,6 @@ impl FederationService {
                     header.num_parameters, study.cfg.arch
                 )));
             }
-            if header.num_examples == 0 {
-                return Err(Status::invalid_argument(
-                    "num_examples is 0: an update must say how many examples trained it",
-                ));
-            }
             let wants_control = study.cfg.strategy.uses_control();
             if header.has_control != wants_control {
                 return Err(Status::invalid_argument(if wants_control {
@@ -1206,7 +1271,7 @@ impl FederationService {
             }
             let mut params = VectorAssembler::new(Vector::Parameters, expected_len);
             let mut control = wants_control.then(|| VectorAssembler::new(Vector::Control, expected_len));
-            while let Some(msg) = stream.message().await? {
+            while let Some(msg) = limits.next(&mut stream).await? {
                 let Some(update_chunk::Kind::Data(chunk)) = msg.kind else {
                     return Err(Status::invalid_argument("a second header in the update stream"));
                 };
@@ -1280,6 +1345,7 @@ async fn receive_encrypted(
     round: u32,
     expected_len: u64,
     stream: &mut Streaming<UpdateChunk>,
+    limits: &UploadLimits,
 ) -> Result<Vec<Vec<u8>>, Status> {
     let mut check = caduceus_secagg::Aggregator::new(&sa.params, &study.cfg.study_id, u64::from(round))
         .map_err(|e| Status::internal(e.to_string()))?
@@ -1287,7 +1353,7 @@ async fn receive_encrypted(
     let expected_chunks = sa.params.chunk_count(expected_len);
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut offset = 0u64;
-    while let Some(msg) = stream.message().await? {
+    while let Some(msg) = limits.next(stream).await? {
         let Some(update_chunk::Kind::Data(chunk)) = msg.kind else {
             return Err(Status::invalid_argument("a second header in the update stream"));
         };
@@ -1296,6 +1362,13 @@ async fn receive_encrypted(
                 "plaintext data chunk in an encrypted update (secure aggregation)",
             ));
         };
+        if bytes.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "encrypted data chunk {} (at byte offset {}) carries no data; empty chunks are refused",
+                out.len(),
+                chunk.offset
+            )));
+        }
         if chunk.vector != Vector::Parameters as i32 {
             return Err(Status::invalid_argument(
                 "encrypted updates carry only the parameter delta",

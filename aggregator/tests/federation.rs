@@ -6,7 +6,12 @@
 //! - a certificate of the right CA naming an unexpected hospital, another study's id, a wrong round, a
 //!   wrong shape and a NaN update are refused with their status codes;
 //! - a second update from the same hospital in one round is refused (ALREADY_EXISTS);
-//! - killing the aggregator (SIGKILL) between rounds and starting it again resumes from the checkpoint.
+//! - killing the aggregator (SIGKILL) between rounds and starting it again resumes from the checkpoint;
+//! - a trainer sends one evaluation per round it takes part in: `--rounds 0` of a 2-round study sends
+//!   1, and `--rounds 1-2` against the aggregator resumed at round 1 (the shape of an operator trainer
+//!   Job, `CADUCEUS_ROUNDS="r-(r+1)"` with the final evaluation) sends 2, as
+//!   `caduceus_privacy::evaluation_releases(1, false)` and `(1, true)` say (the CLI's DP test checks
+//!   the function itself against a run).
 //!
 //! The data comes from `$CADUCEUS_DATA_DIR/utkface-64`, else `../shared/data/utkface-64` next to the
 //! repository. The trainer binary is taken from the aggregator's target directory, and built there if it
@@ -395,8 +400,9 @@ async fn study_over_mtls_with_refusals_and_restart() {
         "a refused update was recorded: {st:?}"
     );
 
-    // Hospital-0's trainer takes part in round 1; a second update from hospital-0 is refused.
-    let mut t0 = env.start_trainer(0, port, "follow");
+    // Hospital-0's trainer takes part in round 1 (and the final evaluation, round 2, like an operator
+    // trainer Job for round 1); a second update from hospital-0 is refused.
+    let mut t0 = env.start_trainer(0, port, "1-2");
     wait_until(
         &mut c0,
         "hospital-0's round-1 update",
@@ -411,7 +417,7 @@ async fn study_over_mtls_with_refusals_and_restart() {
     );
 
     // Hospital-1 joins; round 1 closes, both evaluate the final model, and the study completes.
-    let mut t1 = env.start_trainer(1, port, "follow");
+    let mut t1 = env.start_trainer(1, port, "1-2");
     for (name, t) in [(H0, &mut t0), (H1, &mut t1)] {
         let st = t.0.wait().unwrap();
         let summary = std::fs::read_to_string(env.path(&format!("{name}-summary.json"))).unwrap_or_default();
@@ -442,6 +448,25 @@ async fn study_over_mtls_with_refusals_and_restart() {
     );
     assert!(last.counts.attribute("race").is_some(), "no per-race counts");
     assert!(store.load_round(2).is_ok());
+
+    // The evaluations each aggregator received from each hospital: one per round it took part in.
+    for h in [H0, H1] {
+        let accepted = |tag: &str| -> Vec<u32> {
+            let log = std::fs::read_to_string(env.path(&format!("aggregator-{tag}.log"))).unwrap();
+            log.lines()
+                .filter(|l| l.contains("update accepted") && l.contains(&format!("hospital={h} ")))
+                .filter_map(|l| l.split("round=").nth(1)?.split_whitespace().next()?.parse().ok())
+                .collect()
+        };
+        // `--rounds 0`: training round 0 only (evaluation_releases(1, false)).
+        assert_eq!(accepted("a"), vec![0], "{h}");
+        // `--rounds 1-2`: training round 1 and the final evaluation (evaluation_releases(1, true)).
+        assert_eq!(accepted("b"), vec![1, 2], "{h}");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(env.path(&format!("{h}-summary.json"))).unwrap())
+                .unwrap();
+        assert_eq!(v["rounds"].as_array().unwrap().len(), 2, "{v}");
+    }
 }
 
 /// Bad settings exit with code 2 and a message naming the setting.

@@ -448,7 +448,9 @@ fn validate(args: &SimulateArgs) -> anyhow::Result<Arch> {
         .map_err(|e| anyhow::anyhow!("--model: {e}"))
 }
 
-fn sensitive(task: Attribute) -> Vec<Attribute> {
+/// The sensitive attributes whose group counts the trainers report: the first two of race, age
+/// group and gender that are not the task.
+pub(crate) fn sensitive(task: Attribute) -> Vec<Attribute> {
     [Attribute::Race, Attribute::AgeGroup, Attribute::Gender]
         .into_iter()
         .filter(|a| *a != task)

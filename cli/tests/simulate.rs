@@ -187,7 +187,9 @@ fn federated_and_centralised_runs_write_results() {
 
 /// DP-SGD through the real binaries: the trainers report their spending, the runner prints and
 /// records ε per hospital per round, and a hospital whose next round would exceed its budget stops
-/// taking part (the others go on, and rounds do not wait for it).
+/// taking part (the others go on, and rounds do not wait for it). The evaluation counts are
+/// released under DP: noised, every group of the fixed domains reported, no loss, one release per
+/// round a hospital takes part in (`evaluation_releases`), all of it in ε.
 #[test]
 fn dp_run_records_epsilon_per_hospital_and_stops_a_hospital_at_its_budget() {
     ensure_bins();
@@ -255,6 +257,79 @@ fn dp_run_records_epsilon_per_hospital_and_stops_a_hospital_at_its_budget() {
     let fin = r.rounds.last().unwrap();
     assert!(fin.epsilon["hospital-0"] > fin.epsilon["hospital-1"]);
     assert!(r.rounds[1].epsilon["hospital-0"] > 0.0);
+
+    // Evaluation counts under DP. The evaluations the aggregator received from each hospital are
+    // what `evaluation_releases` says: hospital-0 follows the 3 rounds and the final evaluation,
+    // hospital-1 runs `--rounds 0-last`.
+    use caduceus_privacy::evaluation::{evaluation_mechanism, evaluation_releases};
+    let z = r.config["dp"]["evaluation_noise_multiplier"].as_f64().unwrap();
+    assert_eq!(z, caduceus_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER);
+    let received = |h: &str| {
+        r.rounds
+            .iter()
+            .filter(|rec| {
+                rec.extra["hospitals"][h]["evaluation_privacy"]["noise_multiplier"].as_f64() == Some(z)
+            })
+            .count() as u64
+    };
+    assert_eq!(received("hospital-0"), evaluation_releases(3, true));
+    assert_eq!(received("hospital-1"), evaluation_releases(last + 1, false));
+    assert_eq!(plan[0]["evaluation_releases"], evaluation_releases(3, true));
+    assert_eq!(
+        plan[1]["evaluation_releases"],
+        evaluation_releases(last + 1, false)
+    );
+    let accepted = std::fs::read_to_string(res.join("work/logs/aggregator.log"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("update accepted") && l.contains("hospital=hospital-0 "))
+        .count() as u64;
+    assert_eq!(accepted, evaluation_releases(3, true));
+    for rec in &r.rounds {
+        // Every group of both attributes' domains and of their intersection, zeros included.
+        assert_eq!(
+            rec.counts.attribute("race").map(|g| g.len()),
+            Some(5),
+            "round {}",
+            rec.round
+        );
+        assert_eq!(rec.counts.attribute("age-group").map(|g| g.len()), Some(9));
+        assert_eq!(rec.counts.attribute("age-group&race").map(|g| g.len()), Some(45));
+        assert_eq!(rec.loss, None, "the loss is not released under DP");
+        assert!(rec.extra["evaluation_noise_std"].as_f64().unwrap() >= 2.0 * z);
+    }
+    // ε per hospital includes the evaluation releases: hospital-0's is that of its 3 rounds of
+    // DP-SGD and its 4 evaluations.
+    let q0 = plan[0]["sample_rate"].as_f64().unwrap();
+    let sgd = caduceus_privacy::SubsampledGaussian::new(1.5, q0, 6).unwrap();
+    let pld = |m: &[caduceus_privacy::SubsampledGaussian]| {
+        caduceus_privacy::AccountantKind::Pld.epsilon(m, 1e-5).unwrap()
+    };
+    let expected = pld(&[sgd, evaluation_mechanism(z, 4).unwrap()]);
+    assert!(
+        (fin.epsilon["hospital-0"] - expected).abs() < 1e-9,
+        "{} vs {expected}",
+        fin.epsilon["hospital-0"]
+    );
+    assert!(fin.epsilon["hospital-0"] > pld(&[sgd]));
+    // The local summaries say what the evaluations cost, and keep the exact local figures.
+    let s0: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(res.join("work/hospital-0-summary.json")).unwrap())
+            .unwrap();
+    let rounds0 = s0["rounds"].as_array().unwrap();
+    assert_eq!(rounds0.len(), 4, "{s0}");
+    let e = &rounds0[3]["evaluation_privacy"];
+    assert_eq!(e["releases"], 4, "{s0}");
+    assert_eq!(e["noise_multiplier"], z);
+    assert!(
+        (e["epsilon_spent"].as_f64().unwrap() - expected).abs() < 1e-9,
+        "{s0}"
+    );
+    assert!(e["epsilon_evaluation"].as_f64().unwrap() < expected);
+    assert!(
+        rounds0[3]["val_loss"].as_f64().is_some(),
+        "the exact loss stays local"
+    );
     // The trainer left on its own terms and says so; its ledger is on disk.
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(res.join("work/hospital-1-summary.json")).unwrap())

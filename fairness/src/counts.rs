@@ -60,6 +60,11 @@ impl ConfusionCounts {
         self.fn_ += other.fn_;
     }
 
+    /// The four cells, mutably (tp, fp, tn, fn), e.g. to add noise to each.
+    pub fn cells_mut(&mut self) -> [&mut u64; 4] {
+        [&mut self.tp, &mut self.fp, &mut self.tn, &mut self.fn_]
+    }
+
     /// Number of examples.
     pub fn total(&self) -> u64 {
         self.tp + self.fp + self.tn + self.fn_
@@ -182,6 +187,73 @@ impl GroupCounts {
             self.entry(&attr, &value).record(label, prediction);
         }
         Ok(())
+    }
+
+    /// Zero counts for every group of fixed attribute domains: each `(attribute, groups)` of
+    /// `domains` gets every one of its groups, and with two or more attributes their intersection
+    /// (key as in [`GroupCounts::record`]) gets every combination of their groups. Released
+    /// counts built on it list the same groups whatever the data, so the set of groups reported
+    /// says nothing about which groups a dataset holds. Add a dataset's counts with
+    /// [`GroupCounts::merge`] and check [`GroupCounts::groups_within`] that none fell outside.
+    pub fn zeros(domains: &[(&str, &[&str])]) -> Result<Self, FairnessError> {
+        let mut out = GroupCounts::new();
+        for (i, (attr, groups)) in domains.iter().enumerate() {
+            validate_name("attribute name", attr)?;
+            if domains[..i].iter().any(|(a, _)| a == attr) {
+                return Err(FairnessError::InvalidName {
+                    what: "attribute name",
+                    name: attr.to_string(),
+                    reason: "given twice in the domains".into(),
+                });
+            }
+            for g in *groups {
+                validate_name("group value", g)?;
+                out.entry(attr, g);
+            }
+        }
+        if domains.len() >= 2 {
+            // Every combination: an odometer over the domains.
+            let mut idx = vec![0usize; domains.len()];
+            if domains.iter().all(|(_, g)| !g.is_empty()) {
+                loop {
+                    let pick: Vec<(&str, &str)> =
+                        domains.iter().zip(&idx).map(|((a, g), &i)| (*a, g[i])).collect();
+                    let (attr, value) = intersection_key(&pick);
+                    out.entry(&attr, &value);
+                    let mut k = 0;
+                    loop {
+                        idx[k] += 1;
+                        if idx[k] < domains[k].1.len() {
+                            break;
+                        }
+                        idx[k] = 0;
+                        k += 1;
+                        if k == domains.len() {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether every attribute and group of `self` also appears in `domain` (e.g. one built by
+    /// [`GroupCounts::zeros`]).
+    pub fn groups_within(&self, domain: &GroupCounts) -> bool {
+        self.attributes.iter().all(|(attr, groups)| {
+            domain
+                .attributes
+                .get(attr)
+                .is_some_and(|d| groups.keys().all(|g| d.contains_key(g)))
+        })
+    }
+
+    /// Every confusion cell, the overall ones first, then by attribute and group in key order.
+    pub fn cells_mut(&mut self) -> impl Iterator<Item = &mut u64> {
+        std::iter::once(&mut self.overall)
+            .chain(self.attributes.values_mut().flat_map(|g| g.values_mut()))
+            .flat_map(|c| c.cells_mut())
     }
 
     fn entry(&mut self, attr: &str, value: &str) -> &mut ConfusionCounts {
@@ -317,6 +389,39 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.attribute("gender&race").unwrap()["1&2"].tp, 1);
         assert_eq!(a.overall.total(), 1);
+    }
+
+    #[test]
+    fn zeros_cover_every_group_and_combination() {
+        let race: &[&str] = &["0", "1", "2"];
+        let gender: &[&str] = &["0", "1"];
+        let mut z = GroupCounts::zeros(&[("race", race), ("gender", gender)]).unwrap();
+        assert_eq!(z.attribute("race").unwrap().len(), 3);
+        assert_eq!(z.attribute("gender").unwrap().len(), 2);
+        let inter = z.attribute("gender&race").unwrap();
+        assert_eq!(inter.len(), 6);
+        assert!(inter.contains_key("1&2") && inter.contains_key("0&0"));
+        assert_eq!(z.overall.total(), 0);
+        assert_eq!(z.cells_mut().count(), 4 * (1 + 3 + 2 + 6));
+        let mut data = GroupCounts::new();
+        data.record(&[("race", "2"), ("gender", "1")], true, false)
+            .unwrap();
+        assert!(data.groups_within(&z));
+        z.merge(&data);
+        assert_eq!(z.attribute("gender&race").unwrap()["1&2"].fn_, 1);
+        assert_eq!(
+            z.attribute("race").unwrap()["0"].total(),
+            0,
+            "absent groups stay, as zeros"
+        );
+        let mut other = GroupCounts::new();
+        other
+            .record(&[("race", "7"), ("gender", "1")], true, false)
+            .unwrap();
+        assert!(!other.groups_within(&z));
+        assert!(GroupCounts::zeros(&[("race", race), ("race", race)]).is_err());
+        let one = GroupCounts::zeros(&[("race", race)]).unwrap();
+        assert_eq!(one.attributes.len(), 1, "no intersection of a single attribute");
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub enum FairFedError {
     NoGlobalEvaluation,
     #[error("every weight was clipped to 0; lower beta")]
     AllWeightsZero,
+    #[error("the hospitals' example counts overflow a 64-bit sum")]
+    ExampleCountOverflow,
 }
 
 /// FedAvg's initial weights `n_k / Σ n`.
@@ -60,7 +62,10 @@ pub fn initial_weights(example_counts: &[u64]) -> Result<Vec<f64>, FairFedError>
     if let Some(index) = example_counts.iter().position(|&n| n == 0) {
         return Err(FairFedError::ZeroExamples { index });
     }
-    let total: u64 = example_counts.iter().sum();
+    let total = example_counts
+        .iter()
+        .try_fold(0u64, |acc, &n| acc.checked_add(n))
+        .ok_or(FairFedError::ExampleCountOverflow)?;
     Ok(example_counts.iter().map(|&n| n as f64 / total as f64).collect())
 }
 
@@ -198,6 +203,11 @@ mod tests {
         assert_eq!(
             initial_weights(&[5, 0]),
             Err(FairFedError::ZeroExamples { index: 1 })
+        );
+        // Counts whose sum does not fit in a u64 are refused, not wrapped.
+        assert_eq!(
+            initial_weights(&[u64::MAX, 1]),
+            Err(FairFedError::ExampleCountOverflow)
         );
     }
 

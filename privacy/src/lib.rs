@@ -5,7 +5,9 @@
 //!   accountant ([`RdpAccountant`]);
 //! - [`inverse`]: the noise multiplier needed for a target ε;
 //! - [`ledger`]: a hospital's spending across rounds and studies, idempotent and budget-checked;
-//! - [`noise`]: exact discrete Gaussian noise from a CSPRNG for DP-SGD.
+//! - [`noise`]: exact discrete Gaussian noise from a CSPRNG for DP-SGD;
+//! - [`evaluation`]: the Gaussian mechanism of the evaluation counts trainers release each round
+//!   (its noise, its mechanism for the ledger, and how many releases a trainer makes).
 //!
 //! The neighbouring relation throughout is add/remove one record. See `docs/privacy.md`.
 //!
@@ -29,6 +31,7 @@
 //! ```
 pub mod accountant;
 mod error;
+pub mod evaluation;
 pub mod inverse;
 pub mod ledger;
 mod math;
@@ -37,5 +40,6 @@ pub mod noise;
 
 pub use accountant::{AccountantKind, PldAccountant, PldConfig, RdpAccountant};
 pub use error::PrivacyError;
+pub use evaluation::{evaluation_mechanism, evaluation_releases};
 pub use inverse::noise_multiplier_for_epsilon;
 pub use mechanism::SubsampledGaussian;

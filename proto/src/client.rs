@@ -397,4 +397,13 @@ impl FederationClient {
             .await?
             .into_inner())
     }
+
+    /// Sends update messages as `stream` yields them: endless, slow or stalled (for tests of the
+    /// server's limits).
+    pub async fn submit_stream<S>(&mut self, stream: S) -> Result<SubmitUpdateResponse, ClientError>
+    where
+        S: futures::Stream<Item = UpdateChunk> + Send + 'static,
+    {
+        Ok(self.inner.submit_update(stream).await?.into_inner())
+    }
 }

@@ -7,6 +7,9 @@
 //! conversions of evaluation counts to and from the fairness crate ([`convert`]).
 
 /// Generated protobuf messages and tonic client/server code for `caduceus.fl.v1`.
+// `UpdateChunk.kind` holds the header (with its evaluation counts) or a data chunk; boxing the header
+// would change the generated API for a one-per-stream message.
+#[allow(clippy::large_enum_variant)]
 pub mod v1 {
     tonic::include_proto!("caduceus.fl.v1");
 }
@@ -15,7 +18,7 @@ pub mod client;
 pub mod convert;
 
 pub use client::{ClientError, ClientTls, FederationClient, GlobalModel, SecureGlobalModel};
-pub use convert::{Evaluation, evaluation_from_proto, evaluation_to_proto};
+pub use convert::{Evaluation, MAX_EVALUATION_COUNT, evaluation_from_proto, evaluation_to_proto};
 pub use tonic::Code;
 pub use v1::*;
 
@@ -26,6 +29,15 @@ pub const DEFAULT_CHUNK_ELEMS: usize = 256 * 1024;
 
 /// Largest decoded gRPC message either side accepts. Chunks are 1 MiB; headers are small.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Fewest elements a data chunk may carry, except the last chunk of a vector: a receiver refuses a
+/// vector of n elements sent in more than [`max_chunks`]`(n)` chunks.
+pub const MIN_CHUNK_ELEMS: u64 = 1024;
+
+/// Most chunks a vector of `elements` elements may arrive in: max(1, ⌈elements / 1024⌉).
+pub fn max_chunks(elements: u64) -> u64 {
+    elements.div_ceil(MIN_CHUNK_ELEMS).max(1)
+}
 
 /// A flat vector could not be reassembled from its chunks.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -42,8 +54,14 @@ pub enum ChunkError {
     TooShort { vector: Vector, expected: u64, got: u64 },
     #[error("{vector:?} element {index} is {value} (NaN and infinities are not accepted)")]
     NotFinite { vector: Vector, index: u64, value: f32 },
-    #[error("chunk of {vector:?} carries no payload")]
-    Empty { vector: Vector },
+    #[error(
+        "data chunk {index} of {vector:?} (at element {offset}) carries no data; empty chunks are refused"
+    )]
+    Empty { vector: Vector, index: u64, offset: u64 },
+    #[error(
+        "{vector:?} arrives in more than {max} chunks (chunks carry at least {MIN_CHUNK_ELEMS} elements)"
+    )]
+    TooManyChunks { vector: Vector, max: u64 },
     #[error("chunk of {vector:?} is encrypted, but this vector is plaintext f32")]
     Encrypted { vector: Vector },
 }
@@ -88,23 +106,40 @@ pub fn sha256_f32(values: &[f32]) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// Reassembles one flat `f32` vector of a declared length from contiguous chunks, refusing NaN/Inf.
+/// Reassembles one flat `f32` vector of a declared length from contiguous chunks, refusing NaN/Inf,
+/// empty chunks, and more than [`max_chunks`] chunks.
 #[derive(Debug)]
 pub struct VectorAssembler {
     vector: Vector,
     expected: u64,
     values: Vec<f32>,
+    chunks: u64,
+    max_chunks: u64,
 }
 
 impl VectorAssembler {
-    /// Starts assembling `vector` of exactly `expected` elements.
+    /// Starts assembling `vector` of exactly `expected` elements, in at most
+    /// [`max_chunks`]`(expected)` chunks.
     pub fn new(vector: Vector, expected: u64) -> Self {
+        Self::with_max_chunks(vector, expected, max_chunks(expected))
+    }
+
+    /// Same, accepting up to `max_chunks` chunks (each still non-empty), e.g. `expected` for
+    /// senders that use small chunks.
+    pub fn with_max_chunks(vector: Vector, expected: u64, max_chunks: u64) -> Self {
         Self {
             vector,
             expected,
             // Cap the up-front reservation so a lying header cannot make us allocate huge buffers.
             values: Vec::with_capacity(expected.min(1 << 26) as usize),
+            chunks: 0,
+            max_chunks,
         }
+    }
+
+    /// Chunks accepted so far.
+    pub fn chunks(&self) -> u64 {
+        self.chunks
     }
 
     /// The vector being assembled.
@@ -122,7 +157,8 @@ impl VectorAssembler {
         self.values.is_empty()
     }
 
-    /// Appends one chunk after checking vector, order, alignment, length and finiteness.
+    /// Appends one chunk after checking vector, order, chunk count, emptiness, alignment, length and
+    /// finiteness.
     pub fn push(&mut self, chunk: &DataChunk) -> Result<(), ChunkError> {
         let got_vector = Vector::try_from(chunk.vector).unwrap_or(Vector::Unspecified);
         if got_vector != self.vector {
@@ -139,16 +175,27 @@ impl VectorAssembler {
                 got: chunk.offset,
             });
         }
-        let bytes = match &chunk.payload {
+        let bytes: &[u8] = match &chunk.payload {
             Some(data_chunk::Payload::F32Le(b)) => b,
             Some(data_chunk::Payload::Encrypted(_)) => {
                 return Err(ChunkError::Encrypted { vector: self.vector });
             }
-            None => {
-                return Err(ChunkError::Empty { vector: self.vector });
-            }
+            None => &[],
         };
-        if bytes.len() % 4 != 0 {
+        if bytes.is_empty() {
+            return Err(ChunkError::Empty {
+                vector: self.vector,
+                index: self.chunks,
+                offset: chunk.offset,
+            });
+        }
+        if self.chunks >= self.max_chunks {
+            return Err(ChunkError::TooManyChunks {
+                vector: self.vector,
+                max: self.max_chunks,
+            });
+        }
+        if !bytes.len().is_multiple_of(4) {
             return Err(ChunkError::Misaligned {
                 vector: self.vector,
                 bytes: bytes.len(),
@@ -173,6 +220,7 @@ impl VectorAssembler {
             }
             self.values.push(v);
         }
+        self.chunks += 1;
         Ok(())
     }
 
@@ -212,7 +260,8 @@ mod tests {
     use super::*;
 
     fn roundtrip(values: &[f32], chunk: usize) -> Result<Vec<f32>, ChunkError> {
-        let mut a = VectorAssembler::new(Vector::Parameters, values.len() as u64);
+        let n = values.len() as u64;
+        let mut a = VectorAssembler::with_max_chunks(Vector::Parameters, n, n);
         for c in f32_chunks(Vector::Parameters, values, chunk) {
             a.push(&c)?;
         }
@@ -246,7 +295,8 @@ mod tests {
     fn refuses_gaps_overruns_and_short_vectors() {
         let values = vec![0.5f32; 10];
         let chunks: Vec<_> = f32_chunks(Vector::Parameters, &values, 4).collect();
-        let mut a = VectorAssembler::new(Vector::Parameters, 10);
+        let small = |vector, n| VectorAssembler::with_max_chunks(vector, n, n);
+        let mut a = small(Vector::Parameters, 10);
         a.push(&chunks[0]).unwrap();
         assert!(matches!(
             a.push(&chunks[2]).unwrap_err(),
@@ -256,13 +306,13 @@ mod tests {
                 ..
             }
         ));
-        let mut a = VectorAssembler::new(Vector::Parameters, 6);
+        let mut a = small(Vector::Parameters, 6);
         a.push(&chunks[0]).unwrap();
         assert!(matches!(
             a.push(&chunks[1]).unwrap_err(),
             ChunkError::TooLong { .. }
         ));
-        let mut a = VectorAssembler::new(Vector::Parameters, 10);
+        let mut a = small(Vector::Parameters, 10);
         a.push(&chunks[0]).unwrap();
         assert!(matches!(
             a.finish().unwrap_err(),
@@ -272,7 +322,7 @@ mod tests {
                 ..
             }
         ));
-        let mut a = VectorAssembler::new(Vector::Control, 10);
+        let mut a = small(Vector::Control, 10);
         assert!(matches!(
             a.push(&chunks[0]).unwrap_err(),
             ChunkError::WrongVector { .. }
@@ -287,6 +337,56 @@ mod tests {
             a.push(&bad).unwrap_err(),
             ChunkError::Misaligned { bytes: 5, .. }
         ));
+    }
+
+    #[test]
+    fn empty_chunks_and_too_many_chunks_are_refused() {
+        let empty = |offset| DataChunk {
+            vector: Vector::Parameters as i32,
+            offset,
+            payload: Some(data_chunk::Payload::F32Le(bytes::Bytes::new())),
+        };
+        let mut a = VectorAssembler::new(Vector::Parameters, 3000);
+        let e = a.push(&empty(0)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ChunkError::Empty {
+                    index: 0,
+                    offset: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("no data"), "{e}");
+        let none = DataChunk {
+            payload: None,
+            ..empty(0)
+        };
+        assert!(matches!(a.push(&none).unwrap_err(), ChunkError::Empty { .. }));
+        // 3000 elements may come in at most 3 chunks.
+        assert_eq!(max_chunks(3000), 3);
+        assert_eq!(max_chunks(0), 1);
+        let values = vec![0.25f32; 3000];
+        let mut a = VectorAssembler::new(Vector::Parameters, 3000);
+        let mut err = None;
+        for c in f32_chunks(Vector::Parameters, &values, 1000) {
+            a.push(&c).unwrap();
+        }
+        assert_eq!(a.chunks(), 3);
+        assert_eq!(a.finish().unwrap(), values);
+        let mut a = VectorAssembler::new(Vector::Parameters, 3000);
+        for c in f32_chunks(Vector::Parameters, &values, 700) {
+            if let Err(e) = a.push(&c) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(err, Some(ChunkError::TooManyChunks { max: 3, .. })),
+            "{err:?}"
+        );
     }
 
     #[test]

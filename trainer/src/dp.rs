@@ -7,6 +7,12 @@
 //! planned mechanism: if the projected ε would exceed the budget it trains no more and leaves the
 //! study. The hospital enforces its own budget; the runner's plan (`caduceus simulate`) is a
 //! second, matching check, not the only one.
+//!
+//! Under DP the evaluation counts the trainer sends every round are released through a Gaussian
+//! mechanism too (`--dp-eval-noise-multiplier` z, required with `--dp-noise-multiplier`; see
+//! [`caduceus_privacy::evaluation`]): each round reserves and commits that release,
+//! `SubsampledGaussian { z, 1.0, 1 }`, beside the round's DP-SGD steps (alone in the
+//! evaluation-only final round), so the ledger and the budget include them.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -37,6 +43,13 @@ pub struct DpArgs {
     /// Where this hospital's privacy ledger is kept (JSON; default <state-dir>/privacy-ledger.json).
     #[arg(long, env = "CADUCEUS_PRIVACY_LEDGER")]
     pub privacy_ledger: Option<PathBuf>,
+    /// Noise multiplier z of the evaluation counts under DP: every released count gets discrete
+    /// Gaussian noise of standard deviation z·√tables (one table per sensitive attribute, their
+    /// intersection, the overall counts, and the correct count of a multi-class task), and each
+    /// round's release is counted in the ledger as a Gaussian mechanism at z. Required with
+    /// --dp-noise-multiplier: the trainer never sends exact counts under DP.
+    #[arg(long, env = "CADUCEUS_DP_EVAL_NOISE_MULTIPLIER")]
+    pub dp_eval_noise_multiplier: Option<f64>,
 }
 
 impl DpArgs {
@@ -71,7 +84,33 @@ impl DpArgs {
         {
             bail!("--dp-sample-rate and --dp-epsilon-budget need --dp-noise-multiplier (DP-SGD is off)");
         }
+        match (self.dp_noise_multiplier, self.dp_eval_noise_multiplier) {
+            (Some(_), None) => bail!(
+                "--dp-noise-multiplier needs --dp-eval-noise-multiplier (CADUCEUS_DP_EVAL_NOISE_MULTIPLIER): \
+                 under DP the evaluation counts are released through a Gaussian mechanism whose noise \
+                 multiplier must be given; the trainer never sends exact counts under DP"
+            ),
+            (None, Some(_)) => {
+                bail!("--dp-eval-noise-multiplier needs --dp-noise-multiplier (DP-SGD is off)")
+            }
+            (Some(_), Some(z)) if !(z.is_finite() && z > 0.0) => {
+                bail!("--dp-eval-noise-multiplier must be a positive number, got {z}")
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// The evaluation release of one round under DP, `SubsampledGaussian { z, 1.0, 1 }`, or `None`
+    /// when DP is off.
+    pub fn evaluation_mechanism(&self) -> anyhow::Result<Option<SubsampledGaussian>> {
+        match (self.dp_noise_multiplier, self.dp_eval_noise_multiplier) {
+            (Some(_), Some(z)) => Ok(Some(
+                caduceus_privacy::evaluation_mechanism(z, 1).context("--dp-eval-noise-multiplier")?,
+            )),
+            (Some(_), None) => bail!("--dp-noise-multiplier needs --dp-eval-noise-multiplier"),
+            _ => Ok(None),
+        }
     }
 
     /// The DP-SGD settings for `train_examples` local examples and `batch_size`, if DP is on.
@@ -113,6 +152,8 @@ pub struct Accounting {
     delta: f64,
     /// The key reserved for the round being trained.
     current: Option<(u32, RoundKey)>,
+    /// Evaluation releases this process committed, with their noise multiplier.
+    evaluation_releases: Vec<SubsampledGaussian>,
 }
 
 impl Accounting {
@@ -142,6 +183,7 @@ impl Accounting {
             budget,
             delta: args.dp_delta,
             current: None,
+            evaluation_releases: Vec::new(),
         })
     }
 
@@ -157,9 +199,10 @@ impl Accounting {
         Ok(())
     }
 
-    /// Before training `round`: reserves the planned mechanism (persisted before any data is
-    /// touched). Fails with [`BudgetExhausted`] when the projected ε exceeds the budget.
-    pub fn reserve(&mut self, study: &str, round: u32, plan: SubsampledGaussian) -> anyhow::Result<()> {
+    /// Before `round`: reserves the planned mechanisms, the DP-SGD steps and the evaluation
+    /// release (persisted before any data is touched). Fails with [`BudgetExhausted`] when the
+    /// projected ε exceeds the budget.
+    pub fn reserve(&mut self, study: &str, round: u32, plan: &[SubsampledGaussian]) -> anyhow::Result<()> {
         // A round trained again (after a restart) releases a freshly noised update: a second
         // release, so it gets a key of its own (`study#retryN`) and counts again.
         let mut key = RoundKey::new(study, u64::from(round));
@@ -174,7 +217,7 @@ impl Accounting {
             // No budget: record only (an infinite budget).
             None => PrivacyBudget::new(f64::MAX, self.delta, AccountantKind::Pld)?,
         };
-        match self.ledger.reserve(key, &[plan], &budget) {
+        match self.ledger.reserve(key, plan, &budget) {
             Ok(_) => self.save(),
             Err(LedgerError::BudgetExceeded {
                 spent_epsilon,
@@ -191,17 +234,31 @@ impl Accounting {
         }
     }
 
-    /// After training `round`: commits what actually ran; returns ε spent so far.
-    pub fn commit(&mut self, study: &str, round: u32, actual: SubsampledGaussian) -> anyhow::Result<f64> {
+    /// After `round`: commits what actually ran (the DP-SGD steps and the evaluation release);
+    /// returns ε spent so far.
+    pub fn commit(&mut self, study: &str, round: u32, actual: &[SubsampledGaussian]) -> anyhow::Result<f64> {
         let key = match &self.current {
             Some((r, k)) if *r == round => k.clone(),
             _ => RoundKey::new(study, u64::from(round)),
         };
         self.ledger
-            .commit(&key, Some(&[actual]))
+            .commit(&key, Some(actual))
             .map_err(|e| anyhow::anyhow!("privacy ledger: {e}"))?;
         self.save()?;
         Ok(self.ledger.epsilon(self.delta, AccountantKind::Pld)?)
+    }
+
+    /// Notes an evaluation release committed by this process; returns how many it made and their ε
+    /// on their own (PLD, at δ).
+    fn note_evaluation(&mut self, release: SubsampledGaussian) -> anyhow::Result<(u64, f64)> {
+        self.evaluation_releases.push(release);
+        let eps = AccountantKind::Pld.epsilon(&self.evaluation_releases, self.delta)?;
+        Ok((self.evaluation_releases.len() as u64, eps))
+    }
+
+    /// The hospital's whole ledger.
+    pub fn ledger(&self) -> &PrivacyLedger {
+        &self.ledger
     }
 }
 
@@ -238,15 +295,81 @@ pub struct RoundPrivacy {
     pub delta: f64,
 }
 
-/// Commits a round's actual spending; returns the `PrivacySpend` to send and the summary entry.
+/// What an evaluation release under DP cost, in the trainer's JSON summary.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvaluationPrivacyReport {
+    /// z: noise standard deviation of every count over the release's L2 sensitivity.
+    pub noise_multiplier: f64,
+    /// L2 sensitivity √tables of the release.
+    pub sensitivity: f64,
+    /// Standard deviation of the noise added to every count (before clamping at 0).
+    pub noise_std: f64,
+    /// What the aggregator received: the noised example count and the accuracy it gives.
+    pub released_examples: u64,
+    pub released_accuracy: Option<f64>,
+    /// Evaluation releases this trainer process made so far, and their ε on their own (PLD, δ).
+    pub releases: u64,
+    pub epsilon_evaluation: f64,
+    /// ε spent by this hospital so far, everything on its ledger (DP-SGD and evaluation), at δ.
+    pub epsilon_spent: f64,
+    pub delta: f64,
+}
+
+/// Commits an evaluation-only round's release; returns the summary entry.
+pub fn record_evaluation(
+    acc: &mut Accounting,
+    args: &crate::TrainerArgs,
+    round: u32,
+    release: SubsampledGaussian,
+    released: &caduceus_proto::Evaluation,
+) -> anyhow::Result<EvaluationPrivacyReport> {
+    let epsilon_spent = acc.commit(&args.study_id, round, &[release])?;
+    evaluation_report(acc, args, release, released, epsilon_spent)
+}
+
+fn evaluation_report(
+    acc: &mut Accounting,
+    args: &crate::TrainerArgs,
+    release: SubsampledGaussian,
+    released: &caduceus_proto::Evaluation,
+    epsilon_spent: f64,
+) -> anyhow::Result<EvaluationPrivacyReport> {
+    let (releases, epsilon_evaluation) = acc.note_evaluation(release)?;
+    let p = released.privacy.unwrap_or_default();
+    Ok(EvaluationPrivacyReport {
+        noise_multiplier: release.noise_multiplier,
+        sensitivity: p.sensitivity,
+        noise_std: p.noise_std,
+        released_examples: released.examples,
+        released_accuracy: released.accuracy(),
+        releases,
+        epsilon_evaluation,
+        epsilon_spent,
+        delta: args.dp.dp_delta,
+    })
+}
+
+/// Commits a training round's actual spending, its DP-SGD steps and (under DP) its evaluation
+/// release; returns the `PrivacySpend` to send and the summary entries.
 pub fn record_spend(
     acc: &mut Accounting,
     args: &crate::TrainerArgs,
     round: u32,
     spend: &caduceus_models::DpSpend,
-) -> anyhow::Result<(caduceus_proto::PrivacySpend, RoundPrivacy)> {
+    evaluation: Option<(SubsampledGaussian, &caduceus_proto::Evaluation)>,
+) -> anyhow::Result<(
+    caduceus_proto::PrivacySpend,
+    RoundPrivacy,
+    Option<EvaluationPrivacyReport>,
+)> {
     let actual = SubsampledGaussian::new(spend.noise_multiplier, spend.sample_rate, spend.steps as u64)?;
-    let epsilon_spent = acc.commit(&args.study_id, round, actual)?;
+    let mut used = vec![actual];
+    used.extend(evaluation.map(|(m, _)| m));
+    let epsilon_spent = acc.commit(&args.study_id, round, &used)?;
+    let eval_report = match evaluation {
+        Some((m, released)) => Some(evaluation_report(acc, args, m, released, epsilon_spent)?),
+        None => None,
+    };
     Ok((
         caduceus_proto::PrivacySpend {
             noise_multiplier: spend.noise_multiplier,
@@ -265,6 +388,7 @@ pub fn record_spend(
             epsilon_spent,
             delta: args.dp.dp_delta,
         },
+        eval_report,
     ))
 }
 
@@ -280,19 +404,37 @@ mod tests {
             dp_epsilon_budget: Some(0.8),
             dp_delta: 1e-5,
             privacy_ledger: None,
+            dp_eval_noise_multiplier: Some(10.0),
         }
     }
 
     #[test]
     fn bad_values_name_their_flag() {
         type Edit = fn(&mut DpArgs);
-        let cases: [(Edit, &str); 6] = [
+        let cases: [(Edit, &str); 9] = [
             (|a| a.dp_noise_multiplier = Some(-1.0), "--dp-noise-multiplier"),
             (|a| a.dp_clip_norm = 0.0, "--dp-clip-norm"),
             (|a| a.dp_sample_rate = Some(1.5), "--dp-sample-rate"),
             (|a| a.dp_epsilon_budget = Some(f64::NAN), "--dp-epsilon-budget"),
             (|a| a.dp_delta = 1.0, "--dp-delta"),
             (|a| a.dp_noise_multiplier = None, "--dp-noise-multiplier"),
+            // DP without the evaluation noise would send exact counts: refused, naming the flag.
+            (
+                |a| a.dp_eval_noise_multiplier = None,
+                "--dp-eval-noise-multiplier",
+            ),
+            (
+                |a| a.dp_eval_noise_multiplier = Some(0.0),
+                "--dp-eval-noise-multiplier",
+            ),
+            (
+                |a| {
+                    a.dp_noise_multiplier = None;
+                    a.dp_sample_rate = None;
+                    a.dp_epsilon_budget = None;
+                },
+                "--dp-eval-noise-multiplier needs --dp-noise-multiplier",
+            ),
         ];
         for (f, flag) in cases {
             let mut a = args();
@@ -320,11 +462,11 @@ mod tests {
         let mut acc = Accounting::open(&a, Some(dir.path())).unwrap();
         // One round of 100 steps at q = 0.01, σ = 1 costs ε ≈ 0.715 at δ = 1e-5 (PLD).
         let plan = SubsampledGaussian::new(1.0, 0.01, 100).unwrap();
-        acc.reserve("s", 0, plan).unwrap();
-        let eps = acc.commit("s", 0, plan).unwrap();
+        acc.reserve("s", 0, &[plan]).unwrap();
+        let eps = acc.commit("s", 0, &[plan]).unwrap();
         assert!(eps > 0.7 && eps < 0.72, "{eps}");
         // The second round would exceed ε = 0.8.
-        let e = acc.reserve("s", 1, plan).unwrap_err();
+        let e = acc.reserve("s", 1, &[plan]).unwrap_err();
         assert!(e.downcast_ref::<BudgetExhausted>().is_some(), "{e}");
         // Persisted: a restarted trainer sees round 0 spent.
         let again = Accounting::open(&a, Some(dir.path())).unwrap();
@@ -332,11 +474,46 @@ mod tests {
         // A smaller round still fits.
         let mut again = again;
         let small = SubsampledGaussian::new(1.0, 0.01, 10).unwrap();
-        again.reserve("s", 1, small).unwrap();
-        let e1 = again.commit("s", 1, small).unwrap();
+        again.reserve("s", 1, &[small]).unwrap();
+        let e1 = again.commit("s", 1, &[small]).unwrap();
         // Training round 1 again (a restart) is a second release: it counts again.
-        again.reserve("s", 1, small).unwrap();
-        let e2 = again.commit("s", 1, small).unwrap();
+        again.reserve("s", 1, &[small]).unwrap();
+        let e2 = again.commit("s", 1, &[small]).unwrap();
         assert!(e2 > e1, "{e1} {e2}");
+    }
+
+    #[test]
+    fn the_ledger_counts_the_evaluation_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let pld = |m: &[SubsampledGaussian]| AccountantKind::Pld.epsilon(m, 1e-5).unwrap();
+        let mut a = args();
+        let eval = a.evaluation_mechanism().unwrap().expect("DP is on");
+        assert_eq!(eval, SubsampledGaussian::new(10.0, 1.0, 1).unwrap());
+        let sgd = SubsampledGaussian::new(1.0, 0.01, 100).unwrap();
+        // A budget between two rounds of DP-SGD alone and two rounds with their evaluations.
+        let (without, with) = (
+            pld(&[sgd.with_steps(200)]),
+            pld(&[sgd.with_steps(200), eval.with_steps(3)]),
+        );
+        assert!(with > without + 0.01, "{without} {with}");
+        a.dp_epsilon_budget = Some((without + with) / 2.0);
+        let mut acc = Accounting::open(&a, Some(dir.path())).unwrap();
+        // A training round (DP-SGD and the evaluation of the model it started from), then the
+        // evaluation-only final round.
+        acc.reserve("s", 0, &[sgd, eval]).unwrap();
+        let e0 = acc.commit("s", 0, &[sgd, eval]).unwrap();
+        acc.reserve("s", 1, &[eval]).unwrap();
+        let e1 = acc.commit("s", 1, &[eval]).unwrap();
+        let sgd_alone = pld(&[sgd]);
+        assert!((e0 - pld(&[sgd, eval])).abs() < 1e-9, "{e0}");
+        assert!((e1 - pld(&[sgd, eval.with_steps(2)])).abs() < 1e-9, "{e1}");
+        assert!(e0 > sgd_alone + 0.01 && e1 > e0, "{sgd_alone} {e0} {e1}");
+        // The budget counts them too: a second training round no longer fits, although its
+        // DP-SGD steps alone would have.
+        let e = acc.reserve("s", 2, &[sgd, eval]).unwrap_err();
+        assert!(e.downcast_ref::<BudgetExhausted>().is_some(), "{e}");
+        // Persisted with the evaluation releases.
+        let again = Accounting::open(&a, Some(dir.path())).unwrap();
+        assert!((again.ledger().epsilon(1e-5, AccountantKind::Pld).unwrap() - e1).abs() < 1e-12);
     }
 }

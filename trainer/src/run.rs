@@ -32,6 +32,10 @@ pub struct RoundReport {
     /// DP-SGD only: what this round ran (σ, q, steps, C) and ε spent so far (δ = --dp-delta).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<crate::dp::RoundPrivacy>,
+    /// Under DP: the evaluation counts' release this round (z, noise, what was released, ε of the
+    /// evaluation releases so far and ε spent in all). `val_*` above are the exact local figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluation_privacy: Option<crate::dp::EvaluationPrivacyReport>,
 }
 
 /// The one-line JSON summary.
@@ -260,12 +264,28 @@ impl Trainer<'_> {
         let local_control = self.local_control.clone();
         let eval_only = header.evaluation_only;
         let mu = header.proximal_mu;
-        // DP-SGD: reserve the round's planned spending (persisted) before touching the data.
+        // DP: reserve the round's planned spending (persisted) before touching the data: its DP-SGD
+        // steps (training rounds) and the release of its evaluation counts (every round).
         let dp = self.args.dp.config(self.args.batch_size, self.train.len())?;
-        if let (Some(dp), false) = (&dp, eval_only) {
-            let plan = crate::dp::planned(&self.args, dp)?;
-            self.accounting.reserve(&self.args.study_id, round, plan)?;
+        let eval_release = self.args.dp.evaluation_mechanism()?;
+        if let (Some(dp), Some(eval_release)) = (&dp, eval_release) {
+            let mut plan = Vec::new();
+            if !eval_only {
+                plan.push(crate::dp::planned(&self.args, dp)?);
+            }
+            plan.push(eval_release);
+            self.accounting.reserve(&self.args.study_id, round, &plan)?;
         }
+        let eval_noise = match eval_release {
+            Some(m) => Some(
+                caduceus_privacy::evaluation::CountNoise::new(
+                    m.noise_multiplier,
+                    crate::eval::released_tables(&self.args.sensitive, self.args.task),
+                )
+                .context("--dp-eval-noise-multiplier")?,
+            ),
+            None => None,
+        };
         // Candle work is blocking: run it off the async threads.
         let out = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let mut model = Model::from_flat(arch, classes, &gm.params)
@@ -278,8 +298,16 @@ impl Trainer<'_> {
                 args.eval_batch_size,
             )
             .context("evaluating the global model on local validation data")?;
+            // Under DP what leaves the hospital is the noised release of the counts.
+            let released = match eval_noise {
+                Some(mut noise) => Some(
+                    crate::eval::release_counts(&eval, &args.sensitive, args.task, &mut noise)
+                        .context("releasing the evaluation counts under DP")?,
+                ),
+                None => None,
+            };
             if eval_only {
-                return Ok((eval, None));
+                return Ok((eval, released, None));
             }
             let cfg = TrainConfig {
                 epochs: args.epochs,
@@ -316,11 +344,11 @@ impl Trainer<'_> {
                 .zip(&gm.params)
                 .map(|(y, x)| y - x)
                 .collect();
-            Ok((eval, Some((outcome, delta))))
+            Ok((eval, released, Some((outcome, delta))))
         })
         .await
         .context("training task panicked")??;
-        let (eval, trained): (Evaluation, _) = out;
+        let (eval, released, trained): (Evaluation, Option<Evaluation>, _) = out;
         let mut report = RoundReport {
             round,
             evaluation_only: eval_only,
@@ -334,16 +362,28 @@ impl Trainer<'_> {
             images_per_second: None,
             round_seconds: 0.0,
             privacy: None,
+            evaluation_privacy: None,
         };
         let mut uh = UpdateHeader {
             round,
             hospital: self.args.hospital.clone(),
-            evaluation: Some(evaluation_to_proto(&eval)),
+            evaluation: Some(evaluation_to_proto(released.as_ref().unwrap_or(&eval))),
             evaluation_only: eval_only,
             ..Default::default()
         };
+        // The evaluation release to commit (under DP) and what was released.
+        let eval_commit = eval_release.zip(released.as_ref());
         let pending = match trained {
             None => {
+                if let Some((m, r)) = eval_commit {
+                    report.evaluation_privacy = Some(crate::dp::record_evaluation(
+                        &mut self.accounting,
+                        &self.args,
+                        round,
+                        m,
+                        r,
+                    )?);
+                }
                 self.send(&Pending {
                     round,
                     header: uh,
@@ -363,13 +403,32 @@ impl Trainer<'_> {
                 report.train_loss = Some(outcome.mean_loss);
                 report.train_seconds = outcome.seconds;
                 report.images_per_second = Some(outcome.images_per_second());
-                if let Some(spend) = &outcome.privacy {
-                    let (proto, rp) =
-                        crate::dp::record_spend(&mut self.accounting, &self.args, round, spend)?;
-                    uh.privacy = Some(proto);
-                    // The training loss is not noised: it stays in the local summary only.
-                    uh.train_loss = 0.0;
-                    report.privacy = Some(rp);
+                match &outcome.privacy {
+                    Some(spend) => {
+                        let (proto, rp, ep) = crate::dp::record_spend(
+                            &mut self.accounting,
+                            &self.args,
+                            round,
+                            spend,
+                            eval_commit,
+                        )?;
+                        uh.privacy = Some(proto);
+                        // The training loss is not noised: it stays in the local summary only.
+                        uh.train_loss = 0.0;
+                        report.privacy = Some(rp);
+                        report.evaluation_privacy = ep;
+                    }
+                    None => {
+                        if let Some((m, r)) = eval_commit {
+                            report.evaluation_privacy = Some(crate::dp::record_evaluation(
+                                &mut self.accounting,
+                                &self.args,
+                                round,
+                                m,
+                                r,
+                            )?);
+                        }
+                    }
                 }
                 let control_delta = outcome.control.as_ref().map(|c| c.delta.clone());
                 let mut p = Pending {
@@ -396,6 +455,7 @@ impl Trainer<'_> {
         tracing::info!(
             round,
             val_accuracy = ?report.val_accuracy,
+            released_accuracy = ?report.evaluation_privacy.as_ref().and_then(|e| e.released_accuracy),
             train_loss = ?report.train_loss,
             clipped_fraction = ?report.privacy.as_ref().map(|p| p.clipping.clipped_fraction),
             grad_norm_median = ?report.privacy.as_ref().map(|p| p.clipping.norm_median),
