@@ -2,8 +2,9 @@
 # Caduceus on a local kind cluster, for machines WITH Docker, kind, kubectl and helm:
 #   1. creates the kind cluster $CLUSTER (default caduceus) unless it exists,
 #   2. builds the three images (images/build.sh) and loads them into the cluster (`kind load docker-image`),
-#   3. installs the chart charts/caduceus as release `caduceus` in caduceus-system,
-#   4. applies examples/00-namespaces.yaml, the PVCs the examples name, the hospitals
+#   3. applies examples/00-namespaces.yaml and installs the chart charts/caduceus as release `caduceus` in
+#      caduceus-system, serving those namespaces (the API server's endpoints read from the cluster),
+#   4. applies the PVCs the examples name, the hospitals
 #      (examples/hospital-st-mary.yaml, examples/hospital-minimal.yaml) and the study
 #      (examples/study-gender-fedavg.yaml).
 # Hospitals' data: each hospital's PVC must hold its shard before any round can run. Give the shards with
@@ -81,16 +82,27 @@ for c in operator trainer aggregator; do
   kind load docker-image --name "$CLUSTER" "$REGISTRY/caduceus-$c:$TAG"
 done
 
+# The chart puts its Roles and policies into the namespaces it serves, so they come first.
+say "namespaces"
+kubectl apply -f examples/00-namespaces.yaml
+
+# The operator's NetworkPolicy lets it reach only the API server's endpoints.
+api_cidrs=$(kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes \
+  -o jsonpath='{range .items[*].endpoints[*]}{.addresses[0]}{"\n"}{end}' |
+  awk 'NF { printf "%s%s/%s", sep, $1, (index($1, ":") ? 128 : 32); sep = "," }')
+[ -n "$api_cidrs" ] || die "cannot read the API server's endpoints (endpointslices in namespace default)"
+
 say "helm install caduceus charts/caduceus"
 helm upgrade --install caduceus charts/caduceus -n caduceus-system --create-namespace --wait --timeout 5m \
   --set image.repository="$REGISTRY/caduceus-operator" --set image.tag="$TAG" \
   --set workloads.trainer.image.repository="$REGISTRY/caduceus-trainer" --set workloads.trainer.image.tag="$TAG" \
-  --set workloads.aggregator.image.repository="$REGISTRY/caduceus-aggregator" --set workloads.aggregator.image.tag="$TAG"
+  --set workloads.aggregator.image.repository="$REGISTRY/caduceus-aggregator" --set workloads.aggregator.image.tag="$TAG" \
+  --set 'namespaces.studies={caduceus-studies}' --set 'namespaces.hospitals={hospital-st-mary,hospital-riverside}' \
+  --set "networkPolicy.apiServer.cidrs={$api_cidrs}"
 kubectl wait --for condition=Established --timeout 60s \
   crd/federatedstudies.fl.caduceus.dev crd/hospitalclients.fl.caduceus.dev crd/trainingrounds.fl.caduceus.dev
 
-say "namespaces, claims and node label"
-kubectl apply -f examples/00-namespaces.yaml
+say "claims and node label"
 # The claims the examples name: St Mary's data (faces), Riverside's data (images), the study's model store.
 # kind's default StorageClass binds a claim when the first pod uses it.
 for claim in caduceus-studies/gender-fedavg-models hospital-st-mary/faces hospital-riverside/images; do

@@ -40,3 +40,36 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "caduceus.leaderElect" -}}
 {{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) -}}true{{- else -}}false{{- end -}}
 {{- end -}}
+
+{{/* The namespaces the operator serves (study namespaces first, each once), comma-separated. */}}
+{{- define "caduceus.servedNamespaces" -}}
+{{- uniq (concat .Values.namespaces.studies .Values.namespaces.hospitals) | join "," -}}
+{{- end -}}
+
+{{/* The operator's user name as the API server sees it. */}}
+{{- define "caduceus.operatorUsername" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "caduceus.serviceAccountName" .) -}}
+{{- end -}}
+
+{{/* Values that the schema cannot check on its own; included by the Deployment, which always renders. */}}
+{{- define "caduceus.validate" -}}
+{{- if empty .Values.namespaces.studies }}
+{{- fail "namespaces.studies is empty: list the namespaces of your FederatedStudies (e.g. --set 'namespaces.studies={caduceus-studies}'); the operator gets Roles and watches Jobs, Secrets and Pods only in the namespaces listed, and they must exist before the install" }}
+{{- end }}
+{{- if empty .Values.namespaces.hospitals }}
+{{- fail "namespaces.hospitals is empty: list the namespaces of your HospitalClients (e.g. --set 'namespaces.hospitals={hospital-st-mary,hospital-riverside}'); the operator gets Roles and watches Jobs, Secrets and Pods only in the namespaces listed, and they must exist before the install" }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (empty .Values.networkPolicy.apiServer.cidrs) }}
+{{- fail "networkPolicy.apiServer.cidrs is empty: with networkPolicy.enabled the operator may reach only the API server's endpoints; list their addresses as CIDRs (kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes), e.g. --set 'networkPolicy.apiServer.cidrs={10.0.0.10/32}', or set networkPolicy.enabled=false" }}
+{{- end }}
+{{- /* Only with the cluster's discovery (it lists kinds; `helm template`'s built-in set lists only group/versions). */}}
+{{- $discovered := .Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/ValidatingWebhookConfiguration" }}
+{{- if and .Values.admissionPolicy.enabled $discovered (not (.Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy")) }}
+{{- fail (printf "admissionPolicy.enabled needs ValidatingAdmissionPolicy (admissionregistration.k8s.io/v1, Kubernetes >= 1.30), which this cluster (%s) does not serve: upgrade it or set admissionPolicy.enabled=false" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- end -}}
+
+{{/* CEL: the metadata at the given path carries app.kubernetes.io/managed-by=caduceus-operator. */}}
+{{- define "caduceus.celManaged" -}}
+(has({{ . }}.labels) && 'app.kubernetes.io/managed-by' in {{ . }}.labels && {{ . }}.labels['app.kubernetes.io/managed-by'] == 'caduceus-operator')
+{{- end -}}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Offline checks of the Helm chart (no cluster): helm lint, helm template with the default and the
-# full-featured values, the monitoring checker on the full render, and every values file under
-# invalid/ rejected with a message that names the bad key (the `# expect:` line of the file).
+# Offline checks of the Helm chart (no cluster): helm lint, helm template with the required
+# (values-required.yaml) and the full-featured values, the defaults alone refused, RBAC, NetworkPolicies
+# and admission policies checked rule by rule against the values (check-policies.py, also for each
+# switch), the monitoring checker on the full render, and every values file under invalid/ (over
+# values-required.yaml) rejected with a message that names the bad key (its `# expect:` line).
 # The cluster checks (dry-run=server, a real install and a study through it) are in e2e/tests/chart.rs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,34 +13,78 @@ helm=${HELM:-$("$repo/tools/helm/build.sh")}
 kube_version=1.33.0
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 
-echo "chart: helm lint (default and full values)"
-"$helm" lint --strict "$chart" --kube-version "$kube_version" >/dev/null
-"$helm" lint --strict "$chart" --kube-version "$kube_version" -f "$here/values-full.yaml" >/dev/null
+# The chart's defaults leave the served namespaces and the API server's CIDRs empty, so every render
+# starts from values-required.yaml (what an install must set).
+req="$here/values-required.yaml"
+full="$here/values-full.yaml"
+render() { "$helm" template caduceus "$chart" -n caduceus-system --kube-version "$kube_version" "$@"; }
 
-echo "chart: helm template (default and full values)"
-"$helm" template caduceus "$chart" -n caduceus-system --kube-version "$kube_version" >"$work/default.yaml"
-"$helm" template caduceus "$chart" -n caduceus-system --kube-version "$kube_version" \
-  -f "$here/values-full.yaml" >"$work/full.yaml"
+echo "chart: helm lint (required and full values)"
+"$helm" lint --strict "$chart" --kube-version "$kube_version" -f "$req" >/dev/null
+"$helm" lint --strict "$chart" --kube-version "$kube_version" -f "$full" >/dev/null
+
+echo "chart: the defaults alone are refused with a message that names the missing values"
+if out=$("$helm" template caduceus "$chart" --kube-version "$kube_version" 2>&1); then
+  echo "ERROR: the chart rendered without namespaces.studies" >&2; exit 1
+fi
+grep -qF "namespaces.studies is empty" <<<"$out" || { echo "ERROR: unexpected failure: $out" >&2; exit 1; }
+
+echo "chart: helm template (required and full values)"
+render -f "$req" >"$work/default.yaml"
+render -f "$full" >"$work/full.yaml"
 # The default render holds the CRDs (kept on uninstall), the operator and its least-privilege RBAC.
 for want in "kind: CustomResourceDefinition" "helm.sh/resource-policy: keep" "kind: Deployment" \
-            "kind: ClusterRole" "readOnlyRootFilesystem: true" "runAsNonRoot: true"; do
+            "kind: ClusterRole" "kind: Role" "kind: NetworkPolicy" "kind: ValidatingAdmissionPolicy" \
+            "readOnlyRootFilesystem: true" "runAsNonRoot: true" "fsGroup: 65532"; do
   grep -q "$want" "$work/default.yaml" || { echo "ERROR: the default render lacks '$want'" >&2; exit 1; }
 done
-if grep -Eq '^\s*(- )?(verbs|resources|apiGroups): \[?"?\*' "$work/default.yaml"; then
+if grep -Eq '^\s*(- )?(verbs|resources|apiGroups): \[?"?\*' "$work/default.yaml" "$work/full.yaml"; then
   echo "ERROR: a wildcard in the chart's RBAC rules" >&2; exit 1
 fi
 for want in "kind: ServiceMonitor" "kind: PrometheusRule" "kind: NetworkPolicy" "grafana_dashboard" \
-            "kind: Role" "CADUCEUS_LEADER_ELECT" ; do
+            "kind: Role" "CADUCEUS_LEADER_ELECT" "kind: ValidatingAdmissionPolicyBinding"; do
   grep -q "$want" "$work/full.yaml" || { echo "ERROR: the full render lacks '$want'" >&2; exit 1; }
 done
+
+echo "chart: RBAC, NetworkPolicies and admission policies match the values (check-policies.py)"
+python3 "$here/check-policies.py" "$work/default.yaml" -f "$req"
+python3 "$here/check-policies.py" "$work/full.yaml" -f "$full"
+# Each switch, and a release whose names differ from the chart's.
+variant=0
+check_variant() { # --set-json KEY=JSON...
+  local sets=() checks=() a
+  variant=$((variant + 1))
+  for a in "$@"; do sets+=(--set-json "$a"); checks+=(--set-json "$a"); done
+  render -f "$req" "${sets[@]}" >"$work/variant-$variant.yaml"
+  python3 "$here/check-policies.py" "$work/variant-$variant.yaml" -f "$req" "${checks[@]}" \
+    || { echo "ERROR: (values: $*)" >&2; exit 1; }
+}
+check_variant 'networkPolicy.enabled=false' 'networkPolicy.apiServer.cidrs=[]'
+check_variant 'networkPolicy.defaultDeny=false'
+check_variant 'admissionPolicy.enabled=false'
+check_variant 'rbac.create=false'
+check_variant 'leaderElection.enabled=false'
+check_variant 'serviceAccount.name="caduceus-operator"' 'fullnameOverride="fl-operator"'
+check_variant 'admissionPolicy.jobControllerUsername="system:kube-controller-manager"'
+check_variant 'namespaces={"studies":["s1","s2"],"hospitals":["h1"]}'
+grep -q 'CADUCEUS_WATCH_NAMESPACES' "$work/variant-1.yaml" || { echo "ERROR: no CADUCEUS_WATCH_NAMESPACES" >&2; exit 1; }
+# A cluster whose discovery lacks ValidatingAdmissionPolicy (Kubernetes < 1.30) is refused clearly.
+if out=$(render -f "$req" --api-versions admissionregistration.k8s.io/v1/ValidatingWebhookConfiguration 2>&1); then
+  echo "ERROR: admissionPolicy.enabled rendered for a cluster without ValidatingAdmissionPolicy" >&2; exit 1
+fi
+grep -qF "admissionPolicy.enabled needs ValidatingAdmissionPolicy" <<<"$out" || { echo "ERROR: unexpected failure: $out" >&2; exit 1; }
+render -f "$req" --api-versions admissionregistration.k8s.io/v1/ValidatingWebhookConfiguration \
+  --api-versions admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy >/dev/null
+render -f "$req" --api-versions admissionregistration.k8s.io/v1/ValidatingWebhookConfiguration \
+  --set admissionPolicy.enabled=false >/dev/null
 
 echo "chart: alerts and dashboard refer only to metrics the operator exports"
 "$here/check-monitoring.sh" "$work/full.yaml"
 
-echo "chart: values that violate the schema are rejected"
+echo "chart: values that violate the schema or the chart's rules are rejected"
 for bad in "$here"/invalid/*.yaml; do
   expect=$(sed -n 's/^# expect: //p' "$bad" | head -n1)
-  if out=$("$helm" template caduceus "$chart" --kube-version "$kube_version" -f "$bad" 2>&1); then
+  if out=$("$helm" template caduceus "$chart" --kube-version "$kube_version" -f "$req" -f "$bad" 2>&1); then
     echo "ERROR: $(basename "$bad") was accepted" >&2; exit 1
   fi
   grep -qF -- "$expect" <<<"$out" || {

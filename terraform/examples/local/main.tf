@@ -1,6 +1,7 @@
 # Caduceus on an existing cluster: the operator, one study namespace and two hospitals, each in its own
 # namespace with its data on a PersistentVolumeClaim named "faces" (create the PVCs before the first
-# study starts; the module does not manage hospital data).
+# study starts; the module does not manage hospital data). The operator gets Roles, NetworkPolicies and
+# admission policies in exactly these three namespaces.
 module "caduceus" {
   source = "../../modules/caduceus"
 
@@ -15,6 +16,8 @@ module "caduceus" {
   # A single-node test cluster (kind, k3d, minikube) usually wants "loopback".
   endpoint_mode          = "service"
   network_policy_enabled = true
+  # The only addresses the operator may reach: the API server's endpoints.
+  api_server_cidrs = var.api_server_cidrs
 
   study_namespaces = ["caduceus-studies"]
 

@@ -20,3 +20,8 @@ variable "image_tag" {
   type        = string
   default     = null
 }
+
+variable "api_server_cidrs" {
+  description = "The API server's endpoint addresses as CIDRs, for the operator's NetworkPolicy: kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes -o jsonpath='{.items[*].endpoints[*].addresses[*]}' (each with /32 or /128)."
+  type        = list(string)
+}

@@ -30,14 +30,18 @@ locals {
     metrics        = var.monitoring.service_monitor == null ? null : { serviceMonitor = { enabled = var.monitoring.service_monitor } }
     prometheusRule = var.monitoring.prometheus_rule == null ? null : { enabled = var.monitoring.prometheus_rule }
     dashboard      = var.monitoring.dashboard == null ? null : { enabled = var.monitoring.dashboard }
+    # The namespaces the operator serves: its Roles, CADUCEUS_WATCH_NAMESPACES, NetworkPolicies and the
+    # admission policies' binding all follow them.
+    namespaces = {
+      studies   = var.study_namespaces
+      hospitals = local.hospital_namespaces
+    }
     networkPolicy = merge(
       var.network_policy_enabled == null ? {} : { enabled = var.network_policy_enabled },
-      {
-        studyNamespaces    = var.study_namespaces
-        hospitalNamespaces = local.hospital_namespaces
-      },
+      length(var.api_server_cidrs) == 0 ? {} : { apiServer = { cidrs = var.api_server_cidrs } },
     )
-    resources = local.resources
+    admissionPolicy = var.admission_policy_enabled == null ? null : { enabled = var.admission_policy_enabled }
+    resources       = local.resources
   } : k => v if v != null && v != {} }
 
   # HospitalClient specs, shaped as in crds/fl.caduceus.dev_hospitalclients.yaml.
@@ -113,7 +117,9 @@ resource "kubernetes_namespace" "hospital" {
   }
 }
 
-# The operator: CRDs, controller, RBAC, NetworkPolicies, monitoring, from charts/caduceus.
+# The operator: CRDs, controller, RBAC (a ClusterRole for the custom resources only, Roles in its own,
+# the study and the hospital namespaces), NetworkPolicies, admission policies, monitoring, from
+# charts/caduceus.
 resource "helm_release" "caduceus" {
   name      = var.release_name
   namespace = var.create_namespace ? kubernetes_namespace.operator[0].metadata[0].name : var.namespace
@@ -126,13 +132,22 @@ resource "helm_release" "caduceus" {
   timeout         = var.helm_timeout
   max_history     = 10
 
-  # The chart may render objects (NetworkPolicies) into the study and hospital namespaces.
+  # The chart renders Roles, RoleBindings and NetworkPolicies into the study and hospital namespaces,
+  # which must exist first.
   depends_on = [kubernetes_namespace.study, kubernetes_namespace.hospital]
 
   lifecycle {
     precondition {
       condition     = fileexists("${local.chart_path}/Chart.yaml")
       error_message = "No Helm chart at ${local.chart_path} (no Chart.yaml); set chart_path."
+    }
+    precondition {
+      condition     = length(var.study_namespaces) > 0 && length(local.hospitals) > 0
+      error_message = "The operator serves only the namespaces it is given: set study_namespaces and at least one hospital (the chart's namespaces.studies and namespaces.hospitals)."
+    }
+    precondition {
+      condition     = var.network_policy_enabled == false || length(var.api_server_cidrs) > 0
+      error_message = "NetworkPolicies are on (the chart's default): set api_server_cidrs to the API server's endpoint addresses (kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes), or network_policy_enabled = false."
     }
   }
 }

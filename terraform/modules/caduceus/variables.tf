@@ -157,7 +157,25 @@ variable "monitoring" {
 }
 
 variable "network_policy_enabled" {
-  description = "networkPolicy.enabled. The module always passes networkPolicy.studyNamespaces and networkPolicy.hospitalNamespaces."
+  description = "networkPolicy.enabled (the chart's default is true). While it is not false, api_server_cidrs is required."
+  type        = bool
+  default     = null
+}
+
+variable "api_server_cidrs" {
+  description = "networkPolicy.apiServer.cidrs: the API server's endpoint addresses as CIDRs (kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes), the only addresses the operator may reach. Required unless network_policy_enabled = false."
+  type        = list(string)
+  default     = []
+  nullable    = false
+
+  validation {
+    condition     = alltrue([for c in var.api_server_cidrs : can(cidrhost(c, 0)) && strcontains(c, "/")])
+    error_message = "Every api_server_cidrs entry must be a CIDR such as 10.0.0.10/32 or fd00::10/128."
+  }
+}
+
+variable "admission_policy_enabled" {
+  description = "admissionPolicy.enabled: the ValidatingAdmissionPolicies that let only the operator's Jobs and their Pods carry the operator's label (needs Kubernetes >= 1.30). Null keeps the chart's default (true)."
   type        = bool
   default     = null
 }
@@ -172,7 +190,7 @@ variable "resources" {
 }
 
 variable "study_namespaces" {
-  description = "Namespaces where FederatedStudy objects live (networkPolicy.studyNamespaces)."
+  description = "Namespaces where FederatedStudy objects live (namespaces.studies): the operator gets Roles and watches Jobs, Secrets and Pods there. The hospitals' namespaces become namespaces.hospitals."
   type        = list(string)
   default     = []
   nullable    = false
@@ -200,7 +218,8 @@ variable "hospitals" {
       namespace          default "hospital-<name>"
       data               claim_name (PVC in that namespace), path (default "/"), format ("Manifest" | "UtkfaceFilenames")
       privacy_budget     epsilon in (0, 1000], delta in (0, 1) (default 1e-5)
-      consented_studies  "<namespace>/<study>" of the FederatedStudies it joins
+      consented_studies  "<namespace>/<study>@<consent hash>" of the FederatedStudies it joins (the hash is
+                         the study's status.consentHash; a bare name is accepted but never admitted)
       trainer            optional scheduling hints (node_selector, resources, tolerations)
   EOT
   type = map(object({
@@ -278,10 +297,10 @@ variable "hospitals" {
   validation {
     condition = alltrue(flatten([
       for name, h in var.hospitals : [
-        for s in h.consented_studies : length(s) <= 127 && can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?$", s))
+        for s in h.consented_studies : length(s) <= 200 && can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?(@[0-9a-f]{64})?$", s))
       ]
     ]))
-    error_message = "Every consented study must be \"<namespace>/<name>\" of a FederatedStudy (two DNS labels, at most 127 characters)."
+    error_message = "Every consented study must be \"<namespace>/<name>\" or \"<namespace>/<name>@<64 hex consent hash>\" of a FederatedStudy (two DNS labels, at most 200 characters)."
   }
   validation {
     condition     = alltrue([for name, h in var.hospitals : length(h.consented_studies) <= 256 && length(distinct(h.consented_studies)) == length(h.consented_studies)])

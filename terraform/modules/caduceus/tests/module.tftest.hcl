@@ -8,6 +8,7 @@ variables {
   # Any directory with a Chart.yaml satisfies the module's precondition; the mocked helm provider reads nothing.
   chart_path       = "./charts/hospital-client"
   study_namespaces = ["caduceus-studies"]
+  api_server_cidrs = ["10.0.0.10/32"]
   hospitals = {
     st-mary = {
       data              = { claim_name = "faces", path = "/utkface/shard-0" }
@@ -45,11 +46,16 @@ run "valid_inputs_apply" {
     condition     = length(kubernetes_namespace.hospital) == 2 && length(kubernetes_namespace.study) == 1 && length(kubernetes_namespace.operator) == 1
     error_message = "expected 1 operator, 1 study and 2 hospital namespaces"
   }
+  # The chart's Roles, CADUCEUS_WATCH_NAMESPACES, NetworkPolicies and admission policies follow these.
   assert {
-    condition = yamldecode(output.values).networkPolicy == {
-      hospitalNamespaces = ["hospital-general-2", "hospital-st-mary"]
-      studyNamespaces    = ["caduceus-studies"]
+    condition = yamldecode(output.values).namespaces == {
+      studies   = ["caduceus-studies"]
+      hospitals = ["hospital-general-2", "hospital-st-mary"]
     }
+    error_message = "namespaces values: ${output.values}"
+  }
+  assert {
+    condition     = yamldecode(output.values).networkPolicy == { apiServer = { cidrs = ["10.0.0.10/32"] } }
     error_message = "networkPolicy values: ${output.values}"
   }
   # Unset variables leave the chart's defaults: no key with a null value reaches Helm.
@@ -79,15 +85,17 @@ run "chart_values_when_set" {
   command = plan
 
   variables {
-    crds                    = { create = false, keep = true }
-    image                   = { repository = "ghcr.io/caduceus/operator", tag = "0.3.0", pull_policy = "IfNotPresent" }
-    workload_images         = { trainer = { tag = "0.3.0" } }
-    replica_count           = 2
-    leader_election_enabled = true
-    endpoint_mode           = "loopback"
-    monitoring              = { service_monitor = true, prometheus_rule = false }
-    network_policy_enabled  = true
-    resources               = { requests = { cpu = "100m", memory = "128Mi" } }
+    crds                     = { create = false, keep = true }
+    image                    = { repository = "ghcr.io/caduceus/operator", tag = "0.3.0", pull_policy = "IfNotPresent" }
+    workload_images          = { trainer = { tag = "0.3.0" } }
+    replica_count            = 2
+    leader_election_enabled  = true
+    endpoint_mode            = "loopback"
+    monitoring               = { service_monitor = true, prometheus_rule = false }
+    network_policy_enabled   = true
+    api_server_cidrs         = ["172.18.0.2/32", "fd00::2/128"]
+    admission_policy_enabled = false
+    resources                = { requests = { cpu = "100m", memory = "128Mi" } }
   }
 
   assert {
@@ -99,12 +107,13 @@ run "chart_values_when_set" {
       workloads      = { trainer = { image = { tag = "0.3.0" } }, endpointMode = "loopback" }
       metrics        = { serviceMonitor = { enabled = true } }
       prometheusRule = { enabled = false }
-      networkPolicy = {
-        enabled            = true
-        studyNamespaces    = ["caduceus-studies"]
-        hospitalNamespaces = ["hospital-general-2", "hospital-st-mary"]
+      namespaces = {
+        studies   = ["caduceus-studies"]
+        hospitals = ["hospital-general-2", "hospital-st-mary"]
       }
-      resources = { requests = { cpu = "100m", memory = "128Mi" } }
+      networkPolicy   = { enabled = true, apiServer = { cidrs = ["172.18.0.2/32", "fd00::2/128"] } }
+      admissionPolicy = { enabled = false }
+      resources       = { requests = { cpu = "100m", memory = "128Mi" } }
     }
     error_message = "values: ${output.values}"
   }
@@ -199,6 +208,42 @@ run "rejects_unknown_endpoint_mode" {
     endpoint_mode = "nodeport"
   }
   expect_failures = [var.endpoint_mode]
+}
+
+run "network_policies_off_need_no_cidrs" {
+  command = plan
+  variables {
+    network_policy_enabled = false
+    api_server_cidrs       = []
+  }
+  assert {
+    condition     = yamldecode(output.values).networkPolicy == { enabled = false }
+    error_message = "networkPolicy values: ${output.values}"
+  }
+}
+
+run "rejects_network_policies_without_api_server_cidrs" {
+  command = plan
+  variables {
+    api_server_cidrs = []
+  }
+  expect_failures = [helm_release.caduceus]
+}
+
+run "rejects_api_server_address_without_prefix" {
+  command = plan
+  variables {
+    api_server_cidrs = ["10.0.0.10"]
+  }
+  expect_failures = [var.api_server_cidrs]
+}
+
+run "rejects_no_study_namespace" {
+  command = plan
+  variables {
+    study_namespaces = []
+  }
+  expect_failures = [helm_release.caduceus]
 }
 
 run "rejects_missing_chart" {
