@@ -18,6 +18,12 @@ pub mod types {
     pub const FAIRNESS_DEGRADED: &str = "FairnessDegraded";
     /// Rounds and studies: at least the minimum number of hospitals took part.
     pub const QUORUM_REACHED: &str = "QuorumReached";
+    /// Studies: every hospital the selector matches is admitted (consent with the current hash,
+    /// trainer image allowed, DP or explicit non-private permission, budget). False lists who is
+    /// left out and why.
+    pub const HOSPITALS_ADMITTED: &str = "HospitalsAdmitted";
+    /// Hospitals: deleting it is refused while its privacy ledger is not empty.
+    pub const DELETION_BLOCKED: &str = "DeletionBlocked";
 }
 
 /// Condition status values.

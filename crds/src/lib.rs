@@ -11,6 +11,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod conditions;
+pub mod consent;
 pub mod hospital;
 pub mod round;
 pub mod study;

@@ -65,6 +65,20 @@ pub struct TrainingRoundSpec {
     /// Quorum k for this round.
     #[schemars(range(min = 1, max = 10000))]
     pub min_participants: u32,
+    /// UID of the FederatedStudy that created the round (rounds of a deleted and re-created study
+    /// are not its successor's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub study_uid: Option<String>,
+    /// The study's consent hash when the round was created; the round runs only while the study
+    /// still has it, and every participant consented to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub consent_hash: Option<String>,
+    /// The DP-SGD and evaluation mechanisms reserved in each participant's ledger for this round;
+    /// the trainer Jobs run exactly these. Absent without DP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::study::PrivacyPlan>,
 }
 
 /// Observed state of a round.
@@ -73,7 +87,9 @@ pub struct TrainingRoundSpec {
 pub struct TrainingRoundStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Succeeded`, `QuorumReached`, `FairnessWithinThreshold`.
+    /// `Succeeded`, `QuorumReached`, `FairnessWithinThreshold`. A round that the operator did not
+    /// create (no valid signature) ends at once with `Succeeded=False`, reason `NotCreatedByOperator`,
+    /// and nothing is scheduled for it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

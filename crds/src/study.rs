@@ -39,6 +39,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Accuracy", type_ = "number", json_path = ".status.accuracy"),
     printcolumn(name = "EOD", type_ = "number", json_path = ".status.equalizedOddsDifference"),
     printcolumn(
+        name = "Admitted",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"HospitalsAdmitted\")].reason"
+    ),
+    printcolumn(
         name = "Fairness",
         type_ = "string",
         priority = 1,
@@ -53,8 +59,8 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("self.aggregation.strategy != 'FairFed' || (has(self.task.sensitiveAttributes) && size(self.task.sensitiveAttributes) > 0)")
         .message("task.sensitiveAttributes must name at least one attribute when aggregation.strategy is FairFed")
         .field_path(".task.sensitiveAttributes"),
-    validation = Rule::new("!(self.secureAggregation.mode == 'Tfhe' && self.aggregation.strategy in ['TrimmedMean', 'Median', 'Scaffold'])")
-        .message("secureAggregation.mode Tfhe cannot be combined with aggregation.strategy TrimmedMean, Median or Scaffold: TrimmedMean and Median must read individual updates, and Scaffold's control variates are not encrypted")
+    validation = Rule::new("!(self.secureAggregation.mode == 'Tfhe' && self.aggregation.strategy in ['TrimmedMean', 'Median', 'SCAFFOLD'])")
+        .message("secureAggregation.mode Tfhe cannot be combined with aggregation.strategy TrimmedMean, Median or SCAFFOLD: TrimmedMean and Median must read individual updates, and SCAFFOLD's control variates are not encrypted")
         .field_path(".secureAggregation.mode")
 )]
 pub struct FederatedStudySpec {
@@ -361,6 +367,13 @@ pub struct PrivacySpec {
     #[serde(default = "default_sample_rate")]
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("sampleRate must be in (0, 1]"))]
     pub sample_rate: f64,
+    /// Noise multiplier of the evaluation counts each hospital reports per round (examples, correct
+    /// predictions, per-group confusion counts on its validation data): they are released through a
+    /// Gaussian mechanism with this multiplier and charged to the hospital's budget like DP-SGD
+    /// (docs/privacy.md, "Evaluation counts under DP").
+    #[serde(default = "default_evaluation_noise_multiplier")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1000.0").message("evaluationNoiseMultiplier must be in (0, 1000]"))]
+    pub evaluation_noise_multiplier: f64,
 }
 
 impl Default for PrivacySpec {
@@ -373,12 +386,20 @@ impl Default for PrivacySpec {
             delta: default_delta(),
             accountant: Accountant::Pld,
             sample_rate: default_sample_rate(),
+            evaluation_noise_multiplier: default_evaluation_noise_multiplier(),
         }
     }
 }
 
 fn default_sample_rate() -> f64 {
     0.01
+}
+
+/// The default noise multiplier of the evaluation counts (docs/privacy.md).
+pub const DEFAULT_EVALUATION_NOISE_MULTIPLIER: f64 = caduceus_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER;
+
+fn default_evaluation_noise_multiplier() -> f64 {
+    DEFAULT_EVALUATION_NOISE_MULTIPLIER
 }
 
 fn default_true() -> bool {
@@ -473,6 +494,7 @@ pub struct ModelStoreSpec {
     /// Directory inside the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("!self.split('/').exists(p, p == '..')").message("modelStore.path must not contain a '..' component"))]
     pub path: Option<String>,
 }
 
@@ -502,6 +524,12 @@ pub struct PrivacyPlan {
     pub delta: f64,
     /// Epsilon of the whole planned study for one hospital that takes part in every round.
     pub planned_epsilon: f64,
+    /// Noise multiplier of the evaluation counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation_noise_multiplier: Option<f64>,
+    /// Evaluation releases of one trainer Job (one round).
+    #[serde(default)]
+    pub evaluation_releases: u64,
 }
 
 /// Observed state of a study.
@@ -536,8 +564,13 @@ pub struct FederatedStudyStatus {
     /// Epsilon spent by this study per hospital (`namespace/name`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub epsilon_spent: BTreeMap<String, f64>,
-    /// The DP-SGD mechanism each hospital runs per round, fixed when the study starts (the noise
+    /// The DP-SGD mechanism each hospital runs per round, fixed for the consent hash (the noise
     /// multiplier derived from `privacy.targetEpsilon` for the whole planned schedule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy_plan: Option<PrivacyPlan>,
+    /// What a hospital consents to: the hash of the study's terms (resolved images, model, task,
+    /// rounds, local training, privacy, aggregation), to be named in `consentedStudies` as
+    /// `namespace/name@hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_hash: Option<String>,
 }

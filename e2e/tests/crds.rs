@@ -349,3 +349,66 @@ async fn kubectl_shows_round_columns_and_the_caduceus_category() {
     );
     api.delete("demo-r2", &Default::default()).await.unwrap();
 }
+
+/// The CEL rule that forbids TFHE with the strategies that must read (or separately aggregate)
+/// individual updates, checked with the strategy values as serde writes them from the enum, so a
+/// rule that compares with a misspelt literal (it once said 'Scaffold' for `SCAFFOLD`) fails here.
+#[tokio::test]
+async fn tfhe_is_refused_with_every_strategy_it_cannot_serve() {
+    use caduceus_crds::study::Strategy;
+    install_crds().await;
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "e2e-cel").await;
+    let gvk = GroupVersionKind::gvk("fl.caduceus.dev", "v1alpha1", "FederatedStudy");
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns.name, &ApiResource::from_gvk(&gvk));
+    let all = [
+        Strategy::FedAvg,
+        Strategy::FedProx,
+        Strategy::Scaffold,
+        Strategy::FairFed,
+        Strategy::TrimmedMean,
+        Strategy::Median,
+    ];
+    for (i, s) in all.into_iter().enumerate() {
+        let refused = matches!(s, Strategy::Scaffold | Strategy::TrimmedMean | Strategy::Median);
+        let strategy = serde_json::to_value(s).unwrap();
+        let mut aggregation = json!({"strategy": strategy});
+        match s {
+            Strategy::FedProx => aggregation["mu"] = json!(0.1),
+            Strategy::FairFed => aggregation["beta"] = json!(1.0),
+            _ => {}
+        }
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "fl.caduceus.dev/v1alpha1", "kind": "FederatedStudy",
+            "metadata": {"name": format!("tfhe-{i}")},
+            "spec": {
+                "model": {"architecture": "small-cnn"},
+                "task": {"label": "gender", "sensitiveAttributes": ["race"]},
+                "rounds": {"total": 1},
+                "aggregation": aggregation,
+                "secureAggregation": {"mode": "Tfhe"},
+                "hospitalSelector": {},
+                "modelStore": {"claimName": "m"},
+            },
+        }))
+        .unwrap();
+        let pp = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        match api.create(&pp, &obj).await {
+            Ok(_) => assert!(!refused, "TFHE with {strategy} was admitted"),
+            Err(kube::Error::Api(e)) => {
+                assert!(refused, "TFHE with {strategy} was refused: {}", e.message);
+                assert!(
+                    e.message
+                        .contains("secureAggregation.mode Tfhe cannot be combined"),
+                    "{strategy}: {}",
+                    e.message
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

@@ -20,8 +20,8 @@ use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound};
 use caduceus_privacy::ledger::PrivacyLedger;
 use caduceus_privacy::{AccountantKind, SubsampledGaussian};
 use common::{
-    Q, SIGMA, STEPS, TestNamespace, apply, bin_dir, client, free_port, hospital, http_get, kubeconfig,
-    kubectl, kubectl_ok, make_shards, repo_root, study_yaml, unique, wait_for,
+    Q, SIGMA, STEPS, TestNamespace, apply, bin_dir, client, consent, free_port, hospital, http_get,
+    kubeconfig, kubectl, kubectl_ok, make_shards, repo_root, study_yaml, unique, wait_for,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -33,15 +33,18 @@ const ROUNDS: u32 = 3;
 struct Operator {
     child: Option<Child>,
     ns: String,
+    /// `--watch-namespaces`: the study and hospital namespaces it serves.
+    watch: String,
     metrics_port: u16,
     log: PathBuf,
 }
 
 impl Operator {
-    fn start(ns: &str, metrics_port: u16, log: PathBuf) -> Self {
+    fn start(ns: &str, watch: &[&str], metrics_port: u16, log: PathBuf) -> Self {
         let mut o = Operator {
             child: None,
             ns: ns.into(),
+            watch: watch.join(","),
             metrics_port,
             log,
         };
@@ -65,6 +68,8 @@ impl Operator {
                 "loopback",
                 "--lease-seconds",
                 "6",
+                "--watch-namespaces",
+                &self.watch,
             ])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", self.metrics_port)])
             .args(["--identity", &format!("e2e-{}", std::process::id())])
@@ -111,12 +116,19 @@ async fn rounds(api: &Api<TrainingRound>, study: &str) -> Vec<TrainingRound> {
         .collect()
 }
 
+/// ε of `rounds` rounds: DP-SGD and the noised evaluation counts (one evaluation of the received
+/// model per round and one of the final model, at the default evaluation noise multiplier).
 fn expected_epsilon(rounds: u64) -> f64 {
     let mut l = PrivacyLedger::new();
+    let eval = SubsampledGaussian {
+        noise_multiplier: caduceus_crds::study::DEFAULT_EVALUATION_NOISE_MULTIPLIER,
+        sample_rate: 1.0,
+        steps: 2,
+    };
     for r in 0..rounds {
         l.record(
             caduceus_privacy::ledger::RoundKey::new("x", r),
-            &[SubsampledGaussian::new(SIGMA, Q, STEPS).unwrap()],
+            &[SubsampledGaussian::new(SIGMA, Q, STEPS).unwrap(), eval],
         )
         .unwrap();
     }
@@ -194,7 +206,19 @@ async fn operator_runs_studies_end_to_end() {
     .await;
 
     let metrics_port = free_port();
-    let mut op = Operator::start(&op_ns.name, metrics_port, work.path().join("operator.log"));
+    let watch = [
+        sns.name.as_str(),
+        h[0].name.as_str(),
+        h[1].name.as_str(),
+        h[2].name.as_str(),
+        h[3].name.as_str(),
+    ];
+    let mut op = Operator::start(
+        &op_ns.name,
+        &watch,
+        metrics_port,
+        work.path().join("operator.log"),
+    );
     let studies: Api<FederatedStudy> = Api::namespaced(client.clone(), &sns.name);
     let trs: Api<TrainingRound> = Api::namespaced(client.clone(), &sns.name);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &sns.name);
@@ -205,6 +229,19 @@ async fn operator_runs_studies_end_to_end() {
 
     // Kill 1: as soon as the study exists (before or while round 0 is created).
     op.kill_and_restart("right after the study was created");
+    // The hospitals consent to the study's terms (bare names are never admitted).
+    consent(
+        &client,
+        &sns.name,
+        main,
+        &[
+            (&h[0].name, "hospital-0"),
+            (&h[1].name, "hospital-1"),
+            (&h[2].name, "hospital-2"),
+            (&h[3].name, "tiny-budget"),
+        ],
+    )
+    .await;
     // Kill 2: once round 0 exists.
     wait_for("round 0", Duration::from_secs(120), || async {
         (!rounds(&trs, main).await.is_empty()).then_some(())
@@ -387,6 +424,18 @@ async fn operator_runs_studies_end_to_end() {
     .await;
     // The tiny-budget hospital does not consent to this study; hospital-0..2 and `broken` do.
     apply(&study_yaml(&sns.name, flaky, &network, 1, 3, 40));
+    consent(
+        &client,
+        &sns.name,
+        flaky,
+        &[
+            (&h[0].name, "hospital-0"),
+            (&h[1].name, "hospital-1"),
+            (&h[2].name, "hospital-2"),
+            (&h[3].name, "broken"),
+        ],
+    )
+    .await;
     // A trainer holding the first study's certificate is refused by the second study's aggregator.
     let agg_pod_running = wait_for(
         "the second study's aggregator Job",
@@ -427,7 +476,7 @@ async fn operator_runs_studies_end_to_end() {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .args([
             "--hospital",
-            &format!("{}-hospital-0", h[0].name),
+            &caduceus_operator::names::hospital_id(&h[0].name, "hospital-0"),
             "--study-id",
             &format!("{}-{flaky}", sns.name),
         ])

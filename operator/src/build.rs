@@ -34,6 +34,62 @@ pub struct Settings {
     pub trainer_image: String,
     pub aggregator_image: String,
     pub endpoint_mode: EndpointMode,
+    /// The study and hospital namespaces the operator serves (`--watch-namespaces`); `None` serves
+    /// every namespace (and needs cluster-wide permissions).
+    pub watch_namespaces: Option<std::collections::BTreeSet<String>>,
+}
+
+impl Settings {
+    /// Whether the operator serves namespace `ns` (its own always).
+    pub fn serves(&self, ns: &str) -> bool {
+        ns == self.operator_namespace || self.watch_namespaces.as_ref().is_none_or(|w| w.contains(ns))
+    }
+
+    /// The consent hash of `study` under these settings' default images.
+    pub fn consent_hash(&self, study: &FederatedStudy) -> String {
+        caduceus_crds::consent::consent_hash(
+            &format!("{}/{}", study.namespace().unwrap_or_default(), study.name_any()),
+            &study.spec,
+            &self.trainer_image,
+            &self.aggregator_image,
+        )
+    }
+
+    /// The images `study` runs: (trainer, aggregator).
+    pub fn images<'a>(&'a self, study: &'a FederatedStudy) -> (&'a str, &'a str) {
+        caduceus_crds::consent::resolved_images(&study.spec, &self.trainer_image, &self.aggregator_image)
+    }
+}
+
+/// Seconds a round may live, from its creation, before the operator fails it (`DeadlineExceeded`):
+/// room for the aggregator's own deadline twice (the training round and the final evaluation, each
+/// restarted after a crash) and for pods to start.
+pub fn round_max_life_secs(study: &FederatedStudy) -> i64 {
+    study.spec.rounds.deadline_seconds as i64 * 3 + 600
+}
+
+/// `activeDeadlineSeconds` of the aggregator Job: its two waits and start-up, across restarts.
+pub fn aggregator_active_deadline_secs(study: &FederatedStudy) -> i64 {
+    study.spec.rounds.deadline_seconds as i64 * 2 + 300
+}
+
+/// `ttlSecondsAfterFinished` of every Job of a round: longer than the round can live, so a finished
+/// Job is still there (and is seen, not re-created) while its round runs.
+pub fn job_ttl_secs(study: &FederatedStudy) -> i64 {
+    (round_max_life_secs(study) + 3600).max(86400)
+}
+
+/// The ServiceAccount trainer pods run as in a hospital namespace: no token, no Role binds it.
+pub fn trainer_service_account(hospital_ns: &str) -> ServiceAccount {
+    from_json(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {
+            "name": names::TRAINER_SERVICE_ACCOUNT,
+            "namespace": hospital_ns,
+            "labels": {names::LABEL_MANAGED_BY: names::MANAGED_BY},
+        },
+        "automountServiceAccountToken": false,
+    }))
 }
 
 pub const TLS_DIR: &str = "/etc/caduceus/tls";
@@ -151,12 +207,14 @@ pub fn secret(
     s
 }
 
-/// The TrainingRound the study wants next.
+/// The TrainingRound the study wants next (unsigned: see [`crate::signing::attach`]).
 pub fn training_round(
     study: &FederatedStudy,
     round: u32,
     attempt: u32,
     participants: Vec<String>,
+    consent_hash: &str,
+    privacy: Option<PrivacyPlan>,
 ) -> TrainingRound {
     let ns = study.namespace().unwrap_or_default();
     let name = study.name_any();
@@ -174,6 +232,9 @@ pub fn training_round(
             attempt,
             participants,
             min_participants: min,
+            study_uid: study.metadata.uid.clone(),
+            consent_hash: Some(consent_hash.to_string()),
+            privacy,
         },
     );
     tr.metadata.namespace = Some(ns.clone());
@@ -212,9 +273,23 @@ pub fn endpoint(study: &FederatedStudy, settings: &Settings, node_port: Option<i
     }
 }
 
+/// The non-root user of the images (distroless `nonroot`).
+pub const RUN_AS_USER: i64 = 65532;
+
 fn pod_security() -> Value {
-    json!({"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}})
+    json!({
+        "runAsNonRoot": true, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
 }
+
+/// Requests and limits of the aggregator container (it holds every update of a round in memory).
+fn aggregator_resources() -> Value {
+    json!({"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "4Gi"}})
+}
+
+/// The size limit of the trainer's scratch `emptyDir` (its model state between rounds).
+pub const TRAINER_STATE_LIMIT: &str = "2Gi";
 
 fn container_security() -> Value {
     json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}})
@@ -310,7 +385,8 @@ pub fn aggregator_job(
         },
         "spec": {
             "backoffLimit": 2,
-            "ttlSecondsAfterFinished": 86400,
+            "ttlSecondsAfterFinished": job_ttl_secs(study),
+            "activeDeadlineSeconds": aggregator_active_deadline_secs(study),
             // A missed quorum (1) or bad settings (2) are final; a crash retries and resumes from the
             // model store's checkpoint.
             "podFailurePolicy": {"rules": [
@@ -325,8 +401,9 @@ pub fn aggregator_job(
                     "securityContext": pod_security(),
                     "containers": [{
                         "name": "aggregator",
-                        "image": study.spec.images.as_ref().and_then(|i| i.aggregator.clone()).unwrap_or_else(|| settings.aggregator_image.clone()),
+                        "image": settings.images(study).1,
                         "env": env(e),
+                        "resources": aggregator_resources(),
                         "ports": [{"name": "grpc", "containerPort": ep.listen_port}],
                         "terminationMessagePath": TERMINATION_LOG,
                         "terminationMessagePolicy": "File",
@@ -430,6 +507,9 @@ pub fn trainer_job(
             e.push(("CADUCEUS_DP_SAMPLE_RATE", p.sample_rate.to_string()));
             e.push(("CADUCEUS_DP_CLIP_NORM", p.clip_norm.to_string()));
             e.push(("CADUCEUS_DP_DELTA", p.delta.to_string()));
+            if let Some(z) = p.evaluation_noise_multiplier {
+                e.push(("CADUCEUS_DP_EVAL_NOISE_MULTIPLIER", z.to_string()));
+            }
         }
         None => {
             if let Some(steps) = s.training.steps {
@@ -459,7 +539,7 @@ pub fn trainer_job(
     let mut volumes = vec![
         json!({"name": "data", "persistentVolumeClaim": {"claimName": hospital.spec.data.claim_name, "readOnly": true}}),
         json!({"name": "tls", "secret": {"secretName": names::hospital_tls_secret(&sns, &name, &hospital.name_any()), "defaultMode": 0o400}}),
-        json!({"name": "state", "emptyDir": {}}),
+        json!({"name": "state", "emptyDir": {"sizeLimit": TRAINER_STATE_LIMIT}}),
     ];
     if tfhe {
         mounts.push(json!({"name": "study-key", "mountPath": KEY_DIR, "readOnly": true}));
@@ -467,7 +547,7 @@ pub fn trainer_job(
     }
     let mut container = json!({
         "name": "trainer",
-        "image": study.spec.images.as_ref().and_then(|i| i.trainer.clone()).unwrap_or_else(|| settings.trainer_image.clone()),
+        "image": settings.images(study).0,
         "env": env(e),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -476,6 +556,7 @@ pub fn trainer_job(
     });
     let mut pod = json!({
         "restartPolicy": "Never",
+        "serviceAccountName": names::TRAINER_SERVICE_ACCOUNT,
         "automountServiceAccountToken": false,
         "securityContext": pod_security(),
         "containers": [],
@@ -505,7 +586,9 @@ pub fn trainer_job(
         "spec": {
             // A retried trainer would train and release a second, freshly noised update: never.
             "backoffLimit": 0,
-            "ttlSecondsAfterFinished": 86400,
+            // Created suspended; the round controller resumes it once its start is on record.
+            "suspend": true,
+            "ttlSecondsAfterFinished": job_ttl_secs(study),
             "activeDeadlineSeconds": (s.rounds.deadline_seconds as i64) * 3,
             "template": {"metadata": {"labels": pod_labels}, "spec": pod},
         },
@@ -560,6 +643,7 @@ spec:
             trainer_image: "caduceus-trainer:test".into(),
             aggregator_image: "caduceus-aggregator:test".into(),
             endpoint_mode: mode,
+            watch_namespaces: None,
         }
     }
 
@@ -584,7 +668,7 @@ spec:
     #[test]
     fn trainer_job_mounts_data_read_only_and_has_no_token() {
         let st = study(true);
-        let mut round = training_round(&st, 1, 0, vec!["north/st-mary".into()]);
+        let mut round = training_round(&st, 1, 0, vec!["north/st-mary".into()], "h", None);
         round.metadata.uid = Some("r1".into());
         let s = settings(EndpointMode::Service);
         let ep = endpoint(&st, &s, None).unwrap();
@@ -610,14 +694,35 @@ spec:
         assert_eq!(e["CADUCEUS_DP_NOISE_MULTIPLIER"], "1.1");
         assert_eq!(e["CADUCEUS_AGGREGATOR"], "gender-aggregator.studies.svc:50051");
         assert_eq!(e["CADUCEUS_SHARD"], "/var/lib/caduceus/data/shard");
-        assert_eq!(e["CADUCEUS_HOSPITAL"], "north-st-mary");
+        assert_eq!(e["CADUCEUS_HOSPITAL"], names::hospital_id("north", "st-mary"));
+        assert_eq!(e["CADUCEUS_DP_EVAL_NOISE_MULTIPLIER"], "10");
         assert_eq!(job.spec.as_ref().unwrap().backoff_limit, Some(0));
+        assert_eq!(
+            job.spec.as_ref().unwrap().suspend,
+            Some(true),
+            "resumed only once its start is recorded"
+        );
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some(names::TRAINER_SERVICE_ACCOUNT),
+            "never a ServiceAccount of the hospital's choosing"
+        );
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().run_as_user,
+            Some(RUN_AS_USER)
+        );
+        let state = vols.iter().find(|v| v.name == "state").unwrap();
+        assert!(state.empty_dir.as_ref().unwrap().size_limit.is_some());
+        assert!(
+            job.spec.as_ref().unwrap().ttl_seconds_after_finished.unwrap() as i64 > round_max_life_secs(&st),
+            "a finished trainer Job outlives its round"
+        );
     }
 
     #[test]
     fn trainer_job_passes_the_local_optimiser() {
         let mut st = study(false);
-        let mut round = training_round(&st, 0, 0, vec!["north/st-mary".into()]);
+        let mut round = training_round(&st, 0, 0, vec!["north/st-mary".into()], "h", None);
         round.metadata.uid = Some("r0".into());
         let s = settings(EndpointMode::Service);
         let ep = endpoint(&st, &s, None).unwrap();
@@ -649,7 +754,14 @@ spec:
     #[test]
     fn aggregator_job_never_gets_the_study_key() {
         let st = study(true);
-        let mut round = training_round(&st, 0, 0, vec!["north/st-mary".into(), "south/x".into()]);
+        let mut round = training_round(
+            &st,
+            0,
+            0,
+            vec!["north/st-mary".into(), "south/x".into()],
+            "h",
+            None,
+        );
         round.metadata.uid = Some("r0".into());
         let s = settings(EndpointMode::Loopback);
         let svc_port = 31000;
@@ -688,6 +800,16 @@ spec:
             "/var/lib/caduceus/store/studies-gender"
         );
         assert_eq!(job.metadata.owner_references.as_ref().unwrap()[0].uid, "r0");
+        let spec = job.spec.as_ref().unwrap();
+        assert!(spec.active_deadline_seconds.is_some(), "a stuck aggregator ends");
+        assert!(
+            pod.containers[0]
+                .resources
+                .as_ref()
+                .and_then(|r| r.limits.as_ref())
+                .is_some(),
+            "the aggregator has resource limits"
+        );
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub enum Error {
     Key(String),
     #[error("privacy ledger of {hospital}: {message}")]
     Ledger { hospital: String, message: String },
+    /// Deleting a HospitalClient whose ledger is not empty, without the forget annotation.
+    #[error("{0}")]
+    DeletionRefused(String),
     #[error("{0}")]
     Other(String),
 }
@@ -34,6 +37,7 @@ impl Error {
             Error::Pki(_) => "pki",
             Error::Key(_) => "key",
             Error::Ledger { .. } => "ledger",
+            Error::DeletionRefused(_) => "deletion_refused",
             Error::Other(_) => "other",
         }
     }
@@ -49,6 +53,7 @@ pub struct Context {
     pub recorder: Recorder,
     /// How often a running study or round is looked at even without a watch event.
     pub poll: Duration,
+    signing_key: tokio::sync::OnceCell<Vec<u8>>,
 }
 
 impl Context {
@@ -60,7 +65,28 @@ impl Context {
             metrics,
             recorder,
             poll: Duration::from_secs(15),
+            signing_key: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The key that signs TrainingRounds (read or created once, then cached).
+    pub async fn signing_key(&self) -> Result<&[u8]> {
+        self.signing_key
+            .get_or_try_init(|| {
+                crate::signing::load_or_create_key(&self.client, &self.settings.operator_namespace)
+            })
+            .await
+            .map(Vec::as_slice)
+    }
+
+    /// The namespaces to list namespaced objects in: the served ones and the operator's own, or
+    /// `None` (cluster-wide) when the operator serves every namespace.
+    pub fn namespaces(&self) -> Option<std::collections::BTreeSet<String>> {
+        self.settings.watch_namespaces.as_ref().map(|w| {
+            let mut all = w.clone();
+            all.insert(self.settings.operator_namespace.clone());
+            all
+        })
     }
 
     /// Publishes an event on `obj`; failures to publish are logged only.

@@ -13,7 +13,8 @@
 //!
 //! Pure parts: [`names`] (deterministic names and labels), [`plan`] (validation, DP plan,
 //! participant admission, fairness verdicts) and [`build`] (the objects). API helpers: [`secrets`]
-//! (study CA, certificates, TFHE key), [`ledger`] (the privacy ledger in `HospitalClient` status).
+//! (study CA, certificates, TFHE key), [`ledger`] (the durable privacy ledger of each hospital),
+//! [`signing`] (the signature that proves a `TrainingRound` was made by the study controller).
 //! [`telemetry`] serves `/metrics`, `/healthz` and `/readyz`; [`leader`] elects one active replica.
 
 pub mod build;
@@ -25,6 +26,7 @@ pub mod names;
 pub mod plan;
 pub mod round;
 pub mod secrets;
+pub mod signing;
 pub mod study;
 pub mod telemetry;
 
@@ -34,3 +36,5 @@ pub use context::{Context, Error, Result};
 pub const FIELD_MANAGER: &str = "caduceus-operator";
 /// The finalizer that removes a study's objects in other namespaces.
 pub const STUDY_FINALIZER: &str = "fl.caduceus.dev/cleanup";
+/// The finalizer that keeps a HospitalClient while its privacy ledger is not empty.
+pub const HOSPITAL_FINALIZER: &str = "fl.caduceus.dev/privacy-ledger";

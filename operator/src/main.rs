@@ -47,6 +47,12 @@ struct Args {
     /// Seconds a Lease stays valid without renewal.
     #[arg(long, env = "CADUCEUS_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
+    /// The study and hospital namespaces to serve, comma-separated. Unset: every namespace (which
+    /// needs cluster-wide permissions on Jobs and Secrets). Set: Jobs, Secrets, Pods and claims are
+    /// read and written only there and in --namespace, so namespaced Roles suffice; studies and
+    /// hospitals elsewhere are refused with a condition.
+    #[arg(long, env = "CADUCEUS_WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Option<Vec<String>>,
     /// Log as JSON lines.
     #[arg(long, env = "CADUCEUS_LOG_JSON", default_value_t = false, action = clap::ArgAction::Set)]
     log_json: bool,
@@ -164,7 +170,16 @@ async fn main() -> anyhow::Result<()> {
         trainer_image: args.trainer_image.clone(),
         aggregator_image: args.aggregator_image.clone(),
         endpoint_mode: args.endpoint_mode,
+        watch_namespaces: args.watch_namespaces.clone().map(|v| {
+            v.into_iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect()
+        }),
     };
+    if let Some(w) = &settings.watch_namespaces {
+        tracing::info!(namespaces = ?w, "serving only these namespaces");
+    }
     let ctx = Arc::new(Context::new(client.clone(), settings, metrics.clone()));
     let managed =
         watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGED_BY));
@@ -172,7 +187,6 @@ async fn main() -> anyhow::Result<()> {
     let studies: Api<FederatedStudy> = Api::all(client.clone());
     let rounds: Api<TrainingRound> = Api::all(client.clone());
     let hospitals: Api<HospitalClient> = Api::all(client.clone());
-    let jobs: Api<Job> = Api::all(client.clone());
 
     let stop_on = |rx: tokio::sync::watch::Receiver<bool>| async move {
         let mut rx = rx;
@@ -183,8 +197,23 @@ async fn main() -> anyhow::Result<()> {
         .graceful_shutdown_on(stop_on(stop_rx.clone()))
         .run(study::reconcile, study::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
-    let round_ctl = Controller::new(rounds, watcher::Config::default())
-        .watches(jobs, managed, job_to_round)
+    let mut round_ctl = Controller::new(rounds, watcher::Config::default());
+    // Jobs exist only in the served study and hospital namespaces (never in the operator's own).
+    match ctx.settings.watch_namespaces.clone() {
+        None => {
+            round_ctl = round_ctl.watches(Api::<Job>::all(client.clone()), managed.clone(), job_to_round);
+        }
+        Some(all) => {
+            for ns in all {
+                round_ctl = round_ctl.watches(
+                    Api::<Job>::namespaced(client.clone(), &ns),
+                    managed.clone(),
+                    job_to_round,
+                );
+            }
+        }
+    }
+    let round_ctl = round_ctl
         .graceful_shutdown_on(stop_on(stop_rx.clone()))
         .run(round::reconcile, round::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));

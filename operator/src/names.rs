@@ -13,6 +13,15 @@ pub const LABEL_STUDY_NAMESPACE: &str = "fl.caduceus.dev/study-namespace";
 pub const LABEL_ROUND: &str = "fl.caduceus.dev/round";
 pub const LABEL_ATTEMPT: &str = "fl.caduceus.dev/attempt";
 pub const LABEL_HOSPITAL: &str = "fl.caduceus.dev/hospital";
+pub const LABEL_HOSPITAL_NAMESPACE: &str = "fl.caduceus.dev/hospital-namespace";
+/// The annotation that carries the operator's signature of a TrainingRound (see [`crate::signing`]).
+pub const ANNOTATION_SIGNATURE: &str = "fl.caduceus.dev/signature";
+/// The annotation on a HospitalClient that allows deleting it together with its privacy ledger.
+pub const ANNOTATION_FORGET_LEDGER: &str = "fl.caduceus.dev/forget-privacy-ledger";
+/// The ServiceAccount of trainer pods in each hospital namespace: no token, no RBAC.
+pub const TRAINER_SERVICE_ACCOUNT: &str = "caduceus-trainer";
+/// The Secret (operator's namespace) holding the key that signs TrainingRounds.
+pub const SIGNING_KEY_SECRET: &str = "caduceus-round-signing-key";
 /// The ServiceAccount of aggregator pods: no token, no RBAC.
 pub const AGGREGATOR_SERVICE_ACCOUNT: &str = "caduceus-aggregator";
 /// The gRPC port of the aggregator.
@@ -40,9 +49,19 @@ pub fn study_id(namespace: &str, name: &str) -> String {
     label_join(namespace, name)
 }
 
-/// A hospital's id in certificates and in the aggregator: `<namespace>-<name>`.
+/// A hospital's id in certificates and in the aggregator: a readable `<namespace>-<name>` prefix
+/// and 16 hex digits of SHA-256 of `namespace/name`, so that `north/st-mary` and `north-st/mary`
+/// (whose plain join is the same) get different ids. A DNS label of at most 63 characters.
 pub fn hospital_id(namespace: &str, name: &str) -> String {
-    label_join(namespace, name)
+    let h = short_hash(&format!("{namespace}/{name}"), 16);
+    let readable = format!("{namespace}-{name}");
+    let keep = 63 - 17;
+    let prefix = if readable.len() > keep {
+        readable[..keep].trim_end_matches('-')
+    } else {
+        readable.as_str()
+    };
+    format!("{prefix}-{h}")
 }
 
 /// `namespace/name` of a hospital, as `TrainingRound.spec.participants` lists it.
@@ -76,7 +95,16 @@ pub fn service(study: &str) -> String {
     format!("{study}-aggregator")
 }
 
-pub fn ca_secret(study: &str) -> String {
+/// The study's CA (certificate and key), in the operator's namespace only.
+pub fn ca_secret(study_namespace: &str, study: &str) -> String {
+    format!(
+        "ca-{study}-{}",
+        short_hash(&format!("{study_namespace}/{study}"), 8)
+    )
+}
+
+/// Where earlier versions kept the study CA (in the study's namespace); removed when found.
+pub fn legacy_ca_secret(study: &str) -> String {
     format!("{study}-ca")
 }
 
@@ -158,8 +186,18 @@ mod tests {
         assert_eq!(id, study_id(&long, "study"));
         assert_ne!(id, study_id(&long, "studz"));
         assert!(caduceus_pki::validate_study_id(&id).is_ok());
-        assert_eq!(hospital_id("north", "st-mary"), "north-st-mary");
+        assert!(hospital_id("north", "st-mary").starts_with("north-st-mary-"));
         assert!(caduceus_pki::validate_hospital_name(&hospital_id(&long, &long)).is_ok());
+        assert!(caduceus_pki::validate_hospital_name(&hospital_id("north", "st-mary")).is_ok());
+    }
+
+    #[test]
+    fn hospital_ids_do_not_collide() {
+        // The plain `ns-name` join maps these two hospitals to one id.
+        assert_ne!(hospital_id("north", "st-mary"), hospital_id("north-st", "mary"));
+        let long = "a".repeat(63);
+        assert_ne!(hospital_id(&long, "x"), hospital_id(&long, "y"));
+        assert_eq!(hospital_id(&long, &long).len(), 63);
     }
 
     #[test]

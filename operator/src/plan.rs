@@ -73,19 +73,33 @@ pub fn privacy_plan(spec: &FederatedStudySpec) -> Result<Option<PrivacyPlan>, St
     let steps = dp_steps_per_round(spec);
     let total_steps = steps * spec.rounds.total as u64;
     let acc = accountant(p.accountant);
+    let releases = evaluation_releases();
+    let evaluation =
+        evaluation_mechanism(p.evaluation_noise_multiplier, releases * spec.rounds.total as u64)?;
     let sigma = match (p.noise_multiplier, p.target_epsilon) {
         (Some(s), _) => s,
+        // The evaluation releases are fixed; σ of DP-SGD is the smallest for which both together
+        // stay within the target.
         (None, Some(target)) => {
-            caduceus_privacy::noise_multiplier_for_epsilon(acc, target, p.delta, p.sample_rate, total_steps)
-                .map_err(|e| format!("privacy.targetEpsilon {target}: {e}"))?
-                .noise_multiplier
+            caduceus_privacy::inverse::noise_multiplier_for_budget(
+                acc,
+                target,
+                p.delta,
+                &[evaluation],
+                &[caduceus_privacy::inverse::PlannedPhase {
+                    sample_rate: p.sample_rate,
+                    steps: total_steps,
+                }],
+            )
+            .map_err(|e| format!("privacy.targetEpsilon {target} (evaluation counts included): {e}"))?
+            .noise_multiplier
         }
         (None, None) => return Err("privacy: set noiseMultiplier or targetEpsilon".into()),
     };
     let whole =
         SubsampledGaussian::new(sigma, p.sample_rate, total_steps).map_err(|e| format!("privacy: {e}"))?;
     let planned_epsilon = PrivacyLedger::new()
-        .projected_epsilon(&[whole], p.delta, acc)
+        .projected_epsilon(&[whole, evaluation], p.delta, acc)
         .map_err(|e| format!("privacy: {e}"))?;
     Ok(Some(PrivacyPlan {
         noise_multiplier: sigma,
@@ -94,16 +108,46 @@ pub fn privacy_plan(spec: &FederatedStudySpec) -> Result<Option<PrivacyPlan>, St
         clip_norm: p.clip_norm,
         delta: p.delta,
         planned_epsilon,
+        evaluation_noise_multiplier: Some(p.evaluation_noise_multiplier),
+        evaluation_releases: releases,
     }))
 }
 
-/// One round's mechanism for one hospital.
-pub fn round_mechanism(plan: &PrivacyPlan) -> SubsampledGaussian {
-    SubsampledGaussian {
+/// Evaluation releases (noised evaluation counts sent to the aggregator) of one trainer Job, which
+/// runs one training round with the aggregator's final evaluation after it.
+pub fn evaluation_releases() -> u64 {
+    caduceus_privacy::evaluation::evaluation_releases(1, true)
+}
+
+fn evaluation_mechanism(noise_multiplier: f64, releases: u64) -> Result<SubsampledGaussian, String> {
+    caduceus_privacy::evaluation::evaluation_mechanism(noise_multiplier, releases)
+        .map_err(|e| format!("privacy.evaluationNoiseMultiplier: {e}"))
+}
+
+/// What one round charges one hospital: its DP-SGD steps and its noised evaluation counts.
+pub fn round_mechanisms(plan: &PrivacyPlan) -> Vec<SubsampledGaussian> {
+    let mut v = vec![SubsampledGaussian {
         noise_multiplier: plan.noise_multiplier,
         sample_rate: plan.sample_rate,
         steps: plan.steps_per_round,
+    }];
+    if let Some(z) = plan.evaluation_noise_multiplier
+        && let Ok(m) = evaluation_mechanism(z, plan.evaluation_releases)
+    {
+        v.push(m);
     }
+    v
+}
+
+/// A hospital's consent to a study, as its `consentedStudies` states it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consent {
+    /// The study is not listed.
+    None,
+    /// Listed by name only, without the hash that binds the consent to the study's terms.
+    Unbound,
+    /// Listed with this hash.
+    Hash(String),
 }
 
 /// A hospital as the selection sees it.
@@ -112,18 +156,37 @@ pub struct Candidate {
     /// `namespace/name`.
     pub reference: String,
     pub ready: bool,
-    pub consents: bool,
+    pub consent: Consent,
     pub selected: bool,
+    /// The study's trainer image, and whether it is in the hospital's allow-list.
+    pub trainer_image: String,
+    pub image_allowed: bool,
+    /// `allowNonPrivateStudies`.
+    pub allows_non_private: bool,
+    /// Whether the operator serves the hospital's namespace.
+    pub served: bool,
+    /// Whether the HospitalClient is being deleted.
+    pub deleting: bool,
     pub budget_epsilon: f64,
     pub budget_delta: f64,
-    pub ledger: PrivacyLedger,
+    /// The durable ledger (`None`: unreadable, which keeps the hospital out).
+    pub ledger: Option<PrivacyLedger>,
 }
 
 /// Why a hospital is left out of a round.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Exclusion {
     NotSelected,
+    NamespaceNotServed,
     NoConsent,
+    /// Consent names another hash than the study's current one, or none.
+    ConsentOutdated {
+        given: Option<String>,
+    },
+    TrainerImageNotAllowed {
+        image: String,
+    },
+    NonPrivateNotAllowed,
     NotReady,
     /// The round would take the hospital over its budget; the message has the figures.
     BudgetExhausted {
@@ -131,45 +194,120 @@ pub enum Exclusion {
     },
 }
 
-/// Decides for one hospital. `plan` is the study's per-round mechanism (None without DP) and
-/// `accountant` the study's accountant.
-pub fn admit(c: &Candidate, plan: Option<&PrivacyPlan>, acc: AccountantKind) -> Result<(), Exclusion> {
+impl Exclusion {
+    /// The reason, as a condition or admission reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Exclusion::NotSelected => "NotSelected",
+            Exclusion::NamespaceNotServed => "NamespaceNotServed",
+            Exclusion::NoConsent => "NoConsent",
+            Exclusion::ConsentOutdated { .. } => "ConsentOutdated",
+            Exclusion::TrainerImageNotAllowed { .. } => "TrainerImageNotAllowed",
+            Exclusion::NonPrivateNotAllowed => "NonPrivateNotAllowed",
+            Exclusion::NotReady => "NotReady",
+            Exclusion::BudgetExhausted { .. } => "BudgetExhausted",
+        }
+    }
+
+    /// What is wrong and what to do, for study `study` with consent hash `hash`.
+    pub fn message(&self, study: &str, hash: &str) -> String {
+        match self {
+            Exclusion::NotSelected => format!("{study}'s hospitalSelector does not match this hospital"),
+            Exclusion::NamespaceNotServed => {
+                "the operator does not serve this hospital's namespace (its --watch-namespaces)".into()
+            }
+            Exclusion::NoConsent => {
+                format!("{study} is not in consentedStudies; to join, add {study}@{hash}")
+            }
+            Exclusion::ConsentOutdated { given: None } => format!(
+                "consentedStudies names {study} without a consent hash; to consent to its current terms, list {study}@{hash}"
+            ),
+            Exclusion::ConsentOutdated { given: Some(g) } => format!(
+                "consent was given to {study}@{g}, but the study's terms changed (now {hash}); review them and list {study}@{hash}"
+            ),
+            Exclusion::TrainerImageNotAllowed { image } => {
+                format!("{study} runs trainer image {image}, which is not in allowedTrainerImages")
+            }
+            Exclusion::NonPrivateNotAllowed => format!(
+                "{study} has privacy.enabled false and allowNonPrivateStudies is not set: its updates would carry no differential privacy"
+            ),
+            Exclusion::NotReady => "the hospital is not Ready".into(),
+            Exclusion::BudgetExhausted { message } => message.clone(),
+        }
+    }
+}
+
+/// Decides for one hospital. `plan` is the study's per-round mechanism (None without DP),
+/// `acc` the study's accountant and `hash` its current consent hash.
+pub fn admit(
+    c: &Candidate,
+    plan: Option<&PrivacyPlan>,
+    acc: AccountantKind,
+    hash: &str,
+) -> Result<(), Exclusion> {
     if !c.selected {
         return Err(Exclusion::NotSelected);
     }
-    if !c.consents {
-        return Err(Exclusion::NoConsent);
+    if !c.served {
+        return Err(Exclusion::NamespaceNotServed);
     }
-    if let Some(plan) = plan {
-        let budget = PrivacyBudget::new(c.budget_epsilon, c.budget_delta, acc).map_err(|e| {
-            Exclusion::BudgetExhausted {
-                message: format!("invalid privacy budget: {e}"),
-            }
-        })?;
-        match c.ledger.check(&[round_mechanism(plan)], &budget) {
-            Ok(_) => {}
-            Err(LedgerError::BudgetExceeded {
-                spent_epsilon,
-                projected_epsilon,
-                budget_epsilon,
-                delta,
-                ..
-            }) => {
+    match &c.consent {
+        Consent::None => return Err(Exclusion::NoConsent),
+        Consent::Unbound => return Err(Exclusion::ConsentOutdated { given: None }),
+        Consent::Hash(h) if h != hash => {
+            return Err(Exclusion::ConsentOutdated {
+                given: Some(h.clone()),
+            });
+        }
+        Consent::Hash(_) => {}
+    }
+    if !c.image_allowed {
+        return Err(Exclusion::TrainerImageNotAllowed {
+            image: c.trainer_image.clone(),
+        });
+    }
+    match plan {
+        None if !c.allows_non_private => return Err(Exclusion::NonPrivateNotAllowed),
+        None => {}
+        Some(plan) => {
+            let Some(ledger) = &c.ledger else {
                 return Err(Exclusion::BudgetExhausted {
-                    message: format!(
-                        "the next round (sigma {:.4}, q {}, {} steps) would raise epsilon from {spent_epsilon:.4} to {projected_epsilon:.4}, above the budget of {budget_epsilon} at delta {delta:e}",
-                        plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
-                    ),
+                    message: "the hospital's privacy ledger cannot be read (see the operator's log)".into(),
                 });
-            }
-            Err(e) => {
-                return Err(Exclusion::BudgetExhausted {
-                    message: e.to_string(),
-                });
+            };
+            let budget = PrivacyBudget::new(c.budget_epsilon, c.budget_delta, acc).map_err(|e| {
+                Exclusion::BudgetExhausted {
+                    message: format!("invalid privacy budget: {e}"),
+                }
+            })?;
+            match ledger.check(&round_mechanisms(plan), &budget) {
+                Ok(_) => {}
+                Err(LedgerError::BudgetExceeded {
+                    spent_epsilon,
+                    projected_epsilon,
+                    budget_epsilon,
+                    delta,
+                    ..
+                }) => {
+                    return Err(Exclusion::BudgetExhausted {
+                        message: format!(
+                            "the next round (sigma {:.4}, q {}, {} steps, {} noised evaluations) would raise epsilon from {spent_epsilon:.4} to {projected_epsilon:.4}, above the budget of {budget_epsilon} at delta {delta:e}",
+                            plan.noise_multiplier,
+                            plan.sample_rate,
+                            plan.steps_per_round,
+                            plan.evaluation_releases
+                        ),
+                    });
+                }
+                Err(e) => {
+                    return Err(Exclusion::BudgetExhausted {
+                        message: e.to_string(),
+                    });
+                }
             }
         }
     }
-    if !c.ready {
+    if c.deleting || !c.ready {
         return Err(Exclusion::NotReady);
     }
     Ok(())
@@ -223,15 +361,22 @@ modelStore: {claimName: store}
         .unwrap()
     }
 
+    const HASH: &str = "h1";
+
     fn candidate(budget: f64) -> Candidate {
         Candidate {
             reference: "h/a".into(),
             ready: true,
-            consents: true,
+            consent: Consent::Hash(HASH.into()),
             selected: true,
+            trainer_image: "t:1".into(),
+            image_allowed: true,
+            allows_non_private: false,
+            served: true,
+            deleting: false,
             budget_epsilon: budget,
             budget_delta: 1e-5,
-            ledger: PrivacyLedger::new(),
+            ledger: Some(PrivacyLedger::new()),
         }
     }
 
@@ -260,24 +405,90 @@ modelStore: {claimName: store}
     fn budget_admission_refuses_a_round_that_would_overspend() {
         let p = privacy_plan(&spec()).unwrap().unwrap();
         let one_round = PrivacyLedger::new()
-            .projected_epsilon(&[round_mechanism(&p)], 1e-5, AccountantKind::Pld)
+            .projected_epsilon(&round_mechanisms(&p), 1e-5, AccountantKind::Pld)
             .unwrap();
-        assert!(admit(&candidate(one_round * 1.01), Some(&p), AccountantKind::Pld).is_ok());
-        match admit(&candidate(one_round * 0.5), Some(&p), AccountantKind::Pld) {
+        let acc = AccountantKind::Pld;
+        assert!(admit(&candidate(one_round * 1.01), Some(&p), acc, HASH).is_ok());
+        match admit(&candidate(one_round * 0.5), Some(&p), acc, HASH) {
             Err(Exclusion::BudgetExhausted { message }) => {
                 assert!(message.contains("above the budget"), "{message}")
             }
             other => panic!("{other:?}"),
         }
         let mut c = candidate(100.0);
-        c.consents = false;
-        assert_eq!(
-            admit(&c, Some(&p), AccountantKind::Pld),
-            Err(Exclusion::NoConsent)
-        );
-        c.consents = true;
+        c.consent = Consent::None;
+        assert_eq!(admit(&c, Some(&p), acc, HASH), Err(Exclusion::NoConsent));
+        c.consent = Consent::Hash(HASH.into());
         c.ready = false;
-        assert_eq!(admit(&c, Some(&p), AccountantKind::Pld), Err(Exclusion::NotReady));
+        assert_eq!(admit(&c, Some(&p), acc, HASH), Err(Exclusion::NotReady));
+        c.ready = true;
+        c.ledger = None;
+        assert!(
+            matches!(admit(&c, Some(&p), acc, HASH), Err(Exclusion::BudgetExhausted { message }) if message.contains("cannot be read"))
+        );
+    }
+
+    #[test]
+    fn the_evaluation_counts_are_charged_with_the_training() {
+        let p = privacy_plan(&spec()).unwrap().unwrap();
+        let m = round_mechanisms(&p);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[1].sample_rate, 1.0);
+        assert_eq!(m[1].steps, evaluation_releases());
+        let training_only = PrivacyLedger::new()
+            .projected_epsilon(&m[..1], 1e-5, AccountantKind::Pld)
+            .unwrap();
+        let both = PrivacyLedger::new()
+            .projected_epsilon(&m, 1e-5, AccountantKind::Pld)
+            .unwrap();
+        assert!(both > training_only, "{both} vs {training_only}");
+    }
+
+    #[test]
+    fn consent_binds_to_the_current_hash() {
+        let p = privacy_plan(&spec()).unwrap().unwrap();
+        let acc = AccountantKind::Pld;
+        let mut c = candidate(100.0);
+        assert!(admit(&c, Some(&p), acc, HASH).is_ok());
+        assert_eq!(
+            admit(&c, Some(&p), acc, "h2"),
+            Err(Exclusion::ConsentOutdated {
+                given: Some(HASH.into())
+            }),
+            "a study that changed after consent needs fresh consent"
+        );
+        c.consent = Consent::Unbound;
+        let e = admit(&c, Some(&p), acc, HASH).unwrap_err();
+        assert_eq!(e, Exclusion::ConsentOutdated { given: None });
+        assert!(
+            e.message("s/x", HASH).contains("s/x@h1"),
+            "{}",
+            e.message("s/x", HASH)
+        );
+    }
+
+    #[test]
+    fn the_hospital_decides_the_trainer_image_and_non_private_studies() {
+        let p = privacy_plan(&spec()).unwrap().unwrap();
+        let acc = AccountantKind::Pld;
+        let mut c = candidate(100.0);
+        c.image_allowed = false;
+        assert!(matches!(
+            admit(&c, Some(&p), acc, HASH),
+            Err(Exclusion::TrainerImageNotAllowed { .. })
+        ));
+        let c = candidate(0.0001);
+        assert_eq!(
+            admit(&c, None, acc, HASH),
+            Err(Exclusion::NonPrivateNotAllowed),
+            "a non-private study must not escape a tiny budget"
+        );
+        let mut c = candidate(0.0001);
+        c.allows_non_private = true;
+        assert!(admit(&c, None, acc, HASH).is_ok());
+        let mut c = candidate(100.0);
+        c.served = false;
+        assert_eq!(admit(&c, Some(&p), acc, HASH), Err(Exclusion::NamespaceNotServed));
     }
 
     #[test]

@@ -3,9 +3,17 @@
 //!
 //! Results come back through Kubernetes' own channel: the aggregator writes a compact
 //! [`RoundOutcome`] to its termination-message file, which the kubelet copies into the pod status.
-//! No workload gets a ServiceAccount token or any RBAC. When the aggregator Job ends, the round's
-//! privacy reservations are committed in each participant's ledger, then the status (metrics,
-//! `Succeeded`, `QuorumReached`, `FairnessWithinThreshold`) is written with server-side apply.
+//! No workload gets a ServiceAccount token or any RBAC. When the aggregator Job ends, the round is
+//! settled in each participant's durable ledger (committed where the trainer started, cancelled
+//! where it never did), then the status (metrics, `Succeeded`, `QuorumReached`,
+//! `FairnessWithinThreshold`) is written with server-side apply.
+//!
+//! Before anything is scheduled the round must prove that the study controller made it (owner
+//! reference to the study's UID and the operator's signature, [`crate::signing`]); the study must
+//! still have the consent hash the round was created under; and the round must be younger than its
+//! operator-side deadline ([`build::round_max_life_secs`]). Otherwise the round ends at once
+//! (`NotCreatedByOperator`, `StudyChanged`, `DeadlineExceeded`). A trainer Job is created at most once
+//! per hospital and round: a deleted or expired one is never re-created.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +37,7 @@ use crate::ledger;
 use crate::names;
 use crate::plan;
 use crate::secrets;
+use crate::signing;
 
 /// Whether a round has ended (its `Succeeded` condition is True or False).
 pub fn finished(status: Option<&TrainingRoundStatus>) -> Option<bool> {
@@ -104,26 +113,180 @@ struct Participant {
     hospital: Option<HospitalClient>,
 }
 
+impl Participant {
+    fn namespace_and_name(&self) -> (&str, &str) {
+        self.reference
+            .split_once('/')
+            .unwrap_or(("", self.reference.as_str()))
+    }
+}
+
+/// Why the operator refuses to run a round at all (pure): it is not one the study controller made.
+pub fn refusal(round: &TrainingRound, study: &FederatedStudy, signing_key: &[u8]) -> Option<String> {
+    let owned = round.metadata.owner_references.as_ref().is_some_and(|o| {
+        o.iter()
+            .any(|o| o.controller == Some(true) && Some(&o.uid) == study.metadata.uid.as_ref())
+    });
+    if !owned || round.spec.study_uid != study.metadata.uid {
+        return Some(format!(
+            "this round is not owned by FederatedStudy {} (uid {}): rounds are created only by the operator's study controller; nothing was scheduled",
+            study.name_any(),
+            study.metadata.uid.clone().unwrap_or_default()
+        ));
+    }
+    if !signing::verify(signing_key, round) {
+        return Some(
+            "this round does not carry the operator's signature: rounds are created only by the study controller; nothing was scheduled (no certificate, key or Job)".into(),
+        );
+    }
+    if study.spec.privacy.enabled && round.spec.privacy.is_none() {
+        return Some(
+            "the study uses DP-SGD but the round names no privacy mechanism; nothing was scheduled".into(),
+        );
+    }
+    None
+}
+
+/// Ends a round without an outcome from its aggregator: records `reason`, deletes the aggregator Job
+/// and settles each participant's ledger (trainers that started are committed, the others cancelled).
+async fn abort(
+    ctx: &Context,
+    round: &TrainingRound,
+    study: Option<&FederatedStudy>,
+    status: &mut TrainingRoundStatus,
+    reason: &str,
+    msg: String,
+) -> Result<Action> {
+    let ns = round.namespace().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    match jobs
+        .delete(
+            &names::aggregator_job(&round.name_any()),
+            &kube::api::DeleteParams::background(),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(study) = study {
+        settle_all(ctx, round, study, status).await?;
+    }
+    let generation = round.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        types::SUCCEEDED,
+        cstatus::FALSE,
+        reason,
+        msg.clone(),
+        generation,
+    );
+    status.completion_time = Some(Time(Timestamp::now()));
+    write_status(ctx, round, status).await?;
+    ctx.event(round, true, reason, "Abort", msg).await;
+    if let Some(study) = study {
+        ctx.metrics
+            .rounds
+            .with_label_values(&[&ns, &study.name_any(), "Failed"])
+            .inc();
+    }
+    Ok(Action::await_change())
+}
+
+/// Settles every participant's ledger for the round and records ε after it in the status.
+async fn settle_all(
+    ctx: &Context,
+    round: &TrainingRound,
+    study: &FederatedStudy,
+    status: &mut TrainingRoundStatus,
+) -> Result<()> {
+    let ns = round.namespace().unwrap_or_default();
+    let uid = round.spec.study_uid.clone().unwrap_or_default();
+    let key = ledger::round_key(&ns, &study.name_any(), &uid, round.spec.attempt, round.spec.round);
+    let dp = round.spec.privacy.is_some();
+    status.epsilon_spent.clear();
+    for r in &round.spec.participants {
+        let (hns, hname) = r.split_once('/').unwrap_or(("", r));
+        let delta = Api::<HospitalClient>::namespaced(ctx.client.clone(), hns)
+            .get_opt(hname)
+            .await?
+            .map(|h| h.spec.privacy_budget.delta)
+            .unwrap_or(1e-5);
+        let eps = ledger::settle(
+            &ctx.client,
+            &ctx.settings.operator_namespace,
+            hns,
+            hname,
+            &key,
+            dp,
+            delta,
+        )
+        .await?;
+        if dp && let Some(eps) = eps {
+            let eps = (eps * 1e6).round() / 1e6;
+            status.epsilon_spent.insert(r.clone(), eps);
+            ctx.metrics
+                .epsilon_spent
+                .with_label_values(&[hns, hname])
+                .set(eps);
+        }
+    }
+    status.epsilon_spent_max = status.epsilon_spent.values().copied().reduce(f64::max);
+    Ok(())
+}
+
 pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile("round");
     if finished(round.status.as_ref()).is_some() || round.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     let ns = round.namespace().unwrap_or_default();
+    let mut status = round.status.clone().unwrap_or_default();
+    status.observed_generation = round.metadata.generation;
+    if !ctx.settings.serves(&ns) {
+        return Ok(Action::await_change());
+    }
     let studies: Api<FederatedStudy> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(study) = studies.get_opt(&round.spec.study).await? else {
-        return Ok(Action::await_change());
+        let msg = format!(
+            "FederatedStudy {ns}/{} does not exist: rounds are created only by the operator's study controller; nothing was scheduled",
+            round.spec.study
+        );
+        return abort(&ctx, &round, None, &mut status, "NotCreatedByOperator", msg).await;
     };
     if study.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let privacy = study.status.as_ref().and_then(|s| s.privacy_plan.clone());
-    if study.spec.privacy.enabled && privacy.is_none() {
-        // The study controller writes the plan before it creates a round; wait for it.
-        return Ok(Action::requeue(Duration::from_secs(2)));
+
+    // Read and check: a round the study controller did not make gets nothing.
+    let key = ctx.signing_key().await?.to_vec();
+    if let Some(msg) = refusal(&round, &study, &key) {
+        return abort(&ctx, &round, None, &mut status, "NotCreatedByOperator", msg).await;
+    }
+    let privacy = round.spec.privacy.clone();
+    let hash = ctx.settings.consent_hash(&study);
+    if round.spec.consent_hash.as_deref() != Some(hash.as_str()) {
+        let msg = format!(
+            "the study's terms changed after this round started (consent hash {} is now {hash}): its hospitals consented to the old terms; no new trainer Job starts",
+            round.spec.consent_hash.clone().unwrap_or_default()
+        );
+        return abort(&ctx, &round, Some(&study), &mut status, "StudyChanged", msg).await;
+    }
+    let created = round
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .unwrap_or_else(|| Timestamp::now().as_second());
+    let max_life = build::round_max_life_secs(&study);
+    if Timestamp::now().as_second() > created + max_life {
+        let msg = format!(
+            "the round did not end within {max_life} s of its creation (3 x rounds.deadlineSeconds + 600): its aggregator Job was deleted"
+        );
+        return abort(&ctx, &round, Some(&study), &mut status, "DeadlineExceeded", msg).await;
     }
 
-    // Read: the participants.
     let mut participants = Vec::new();
     for r in &round.spec.participants {
         let (hns, hname) = r.split_once('/').unwrap_or(("", r));
@@ -135,21 +298,13 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
     }
 
     // Secrets: the CA, the aggregator's certificate, each hospital's certificate and key copy.
-    let ca = secrets::ensure_ca(&ctx.client, &study).await?;
-    secrets::ensure_aggregator_tls(&ctx.client, &study, &ca).await?;
-    let key = if study.spec.secure_aggregation.mode == SecureAggregationMode::Tfhe {
+    let trust = secrets::ensure_ca(&ctx.client, &ctx.settings.operator_namespace, &study).await?;
+    secrets::ensure_aggregator_tls(&ctx.client, &study, &trust).await?;
+    let study_key = if study.spec.secure_aggregation.mode == SecureAggregationMode::Tfhe {
         Some(secrets::ensure_master_key(&ctx.client, &ctx.settings.operator_namespace, &study).await?)
     } else {
         None
     };
-    for p in &participants {
-        let Some(h) = &p.hospital else { continue };
-        let hns = h.namespace().unwrap_or_default();
-        secrets::ensure_hospital_tls(&ctx.client, &study, &ca, &hns, &h.name_any()).await?;
-        if let Some((bytes, _)) = &key {
-            secrets::ensure_hospital_key(&ctx.client, &study, &hns, &h.name_any(), bytes).await?;
-        }
-    }
 
     // The endpoint (in loopback mode, the Service's node port).
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
@@ -167,15 +322,18 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
         return Ok(Action::requeue(Duration::from_secs(2)));
     };
 
-    // Jobs: created once each (their names are fixed), never replaced.
+    // The aggregator admits every participant of the round: one whose HospitalClient disappeared
+    // simply does not report, and the quorum stays what the round says.
     let pp = PostParams {
         field_manager: Some(crate::FIELD_MANAGER.into()),
         ..Default::default()
     };
     let ids: Vec<String> = participants
         .iter()
-        .filter_map(|p| p.hospital.as_ref())
-        .map(|h| names::hospital_id(&h.namespace().unwrap_or_default(), &h.name_any()))
+        .map(|p| {
+            let (hns, hname) = p.namespace_and_name();
+            names::hospital_id(hns, hname)
+        })
         .collect();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let agg_name = names::aggregator_job(&round.name_any());
@@ -188,7 +346,7 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
                 &ctx.settings,
                 &ep,
                 &ids,
-                key.as_ref().map(|(_, fp)| fp.as_str()),
+                study_key.as_ref().map(|(_, fp)| fp.as_str()),
                 Some(&traceparent(&round, "aggregator")),
             );
             let j = match jobs.create(&pp, &want).await {
@@ -207,6 +365,17 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
             j
         }
     };
+
+    // Trainer Jobs: at most one per hospital and round, ever (the durable ledger records each start).
+    let lkey = ledger::round_key(
+        &ns,
+        &study.name_any(),
+        round.spec.study_uid.as_deref().unwrap_or_default(),
+        round.spec.attempt,
+        round.spec.round,
+    );
+    let study_ref = format!("{ns}/{}", study.name_any());
+    let (trainer_image, _) = ctx.settings.images(&study);
     let mut trainer_failures = Vec::new();
     let mut missing = Vec::new();
     for p in &participants {
@@ -217,52 +386,103 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
         let hns = h.namespace().unwrap_or_default();
         let tjobs: Api<Job> = Api::namespaced(ctx.client.clone(), &hns);
         let tname = names::trainer_job(&ns, &round.name_any(), &h.name_any());
-        let job = match tjobs.get_opt(&tname).await? {
-            Some(j) => j,
-            None => {
-                let want = build::trainer_job(
-                    &study,
-                    &round,
-                    h,
-                    &ctx.settings,
-                    &ep,
-                    privacy.as_ref(),
-                    Some(&traceparent(&round, &p.reference)),
-                );
-                let j = match tjobs.create(&pp, &want).await {
-                    Ok(j) => j,
-                    Err(kube::Error::Api(e)) if e.code == 409 => tjobs.get(&tname).await?,
-                    Err(e) => return Err(e.into()),
-                };
-                ctx.event(
-                    &*round,
-                    false,
-                    "TrainerJobCreated",
-                    "CreateJob",
-                    format!("created trainer Job {hns}/{tname} for {}", p.reference),
-                )
-                .await;
-                j
+        // A trainer Job is created suspended, its start recorded in the durable ledger, then
+        // resumed: a crash anywhere leaves either a suspended Job (resumed next time: it never ran)
+        // or a recorded start, and a Job missing after a recorded start is never created again.
+        let existing = tjobs.get_opt(&tname).await?;
+        if let Some(job) = &existing
+            && job.spec.as_ref().and_then(|s| s.suspend) != Some(true)
+        {
+            if job_outcome(job) == Some(false) {
+                trainer_failures.push(format!("{} ({})", p.reference, job_failure_message(job)));
             }
-        };
-        if job_outcome(&job) == Some(false) {
-            trainer_failures.push(format!("{} ({})", p.reference, job_failure_message(&job)));
+            continue;
         }
+        // Still allowed? The hospital may have withdrawn consent or narrowed its image list.
+        if !h.spec.consents_to(&study_ref, &hash)
+            || !h
+                .spec
+                .allows_trainer_image(trainer_image, &ctx.settings.trainer_image)
+            || h.metadata.deletion_timestamp.is_some()
+        {
+            trainer_failures.push(format!(
+                "{} (no longer consents to these terms or allows this trainer image: its trainer was not started)",
+                p.reference
+            ));
+            continue;
+        }
+        if existing.is_none() {
+            let started = ledger::load(&ctx.client, &ctx.settings.operator_namespace, &hns, &h.name_any())
+                .await?
+                .is_some_and(|d| d.started.contains(&lkey));
+            if started {
+                trainer_failures.push(format!(
+                    "{} (its trainer Job is gone and is never created twice for one round)",
+                    p.reference
+                ));
+                continue;
+            }
+            secrets::ensure_hospital_tls(&ctx.client, &study, &trust, &hns, &h.name_any()).await?;
+            if let Some((bytes, _)) = &study_key {
+                secrets::ensure_hospital_key(&ctx.client, &study, &hns, &h.name_any(), bytes).await?;
+            }
+            secrets::ensure_trainer_service_account(&ctx.client, &hns).await?;
+            let want = build::trainer_job(
+                &study,
+                &round,
+                h,
+                &ctx.settings,
+                &ep,
+                privacy.as_ref(),
+                Some(&traceparent(&round, &p.reference)),
+            );
+            match tjobs.create(&pp, &want).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Record the start (a DP trainer needs its reservation), then let the Job run.
+        ledger::mark_started(
+            &ctx.client,
+            &ctx.settings.operator_namespace,
+            &hns,
+            &h.name_any(),
+            &lkey,
+            privacy.is_some(),
+        )
+        .await?;
+        tjobs
+            .patch(
+                &tname,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"suspend": false}})),
+            )
+            .await?;
+        ctx.event(
+            &*round,
+            false,
+            "TrainerJobCreated",
+            "CreateJob",
+            format!("started trainer Job {hns}/{tname} for {}", p.reference),
+        )
+        .await;
     }
 
-    let mut status = round.status.clone().unwrap_or_default();
     if status.start_time.is_none() {
         status.start_time = Some(Time(Timestamp::now()));
     }
-    status.observed_generation = round.metadata.generation;
     let n = round.spec.participants.len();
 
     let Some(ok) = job_outcome(&agg) else {
-        let msg = if trainer_failures.is_empty() {
+        let mut msg = if trainer_failures.is_empty() {
             format!("aggregator and {} trainer Jobs running", n - missing.len())
         } else {
             format!("running; trainer Jobs failed: {}", trainer_failures.join("; "))
         };
+        if !missing.is_empty() {
+            msg.push_str(&format!("; HospitalClient gone: {}", missing.join(", ")));
+        }
         let changed = set_condition(
             &mut status.conditions,
             types::SUCCEEDED,
@@ -284,7 +504,9 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
             }
             write_status(&ctx, &round, &status).await?;
         }
-        return Ok(Action::requeue(ctx.poll));
+        // Come back at the round's deadline at the latest.
+        let left = (created + max_life - Timestamp::now().as_second()).max(1) as u64;
+        return Ok(Action::requeue(ctx.poll.min(Duration::from_secs(left))));
     };
 
     // The aggregator ended: read its outcome.
@@ -294,25 +516,9 @@ pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<A
         .rev()
         .find_map(|(_, m)| RoundOutcome::parse(m).ok());
 
-    // Commit the round's spending in every participant's ledger (reserved before the Jobs existed);
-    // the status then carries each participant's ε after this round.
-    status.epsilon_spent.clear();
-    if privacy.is_some() {
-        let key = ledger::round_key(&ns, &study.name_any(), round.spec.attempt, round.spec.round);
-        for part in &participants {
-            let Some(h) = &part.hospital else { continue };
-            let hns = h.namespace().unwrap_or_default();
-            let api: Api<HospitalClient> = Api::namespaced(ctx.client.clone(), &hns);
-            if let Some(eps) = ledger::commit(&api, &h.name_any(), &key).await? {
-                status.epsilon_spent.insert(part.reference.clone(), eps);
-                ctx.metrics
-                    .epsilon_spent
-                    .with_label_values(&[&hns, &h.name_any()])
-                    .set(eps);
-            }
-        }
-        status.epsilon_spent_max = status.epsilon_spent.values().copied().reduce(f64::max);
-    }
+    // Settle the round in every participant's ledger (reserved before the Jobs existed); the status
+    // then carries each participant's ε after this round.
+    settle_all(&ctx, &round, &study, &mut status).await?;
 
     let generation = round.metadata.generation;
     let study_ns = ns.clone();

@@ -1,5 +1,7 @@
-//! The study's secrets: its certificate authority (one per study, in a Secret of the study's
-//! namespace), the aggregator's server certificate (for the Service's DNS name), one client
+//! The study's secrets: its certificate authority (one per study, in a Secret of the operator's own
+//! namespace, so that nobody who can read Secrets or start pods in the study's namespace can mint a
+//! hospital certificate; renewed when less than a third of its lifetime is left, with the previous
+//! CA kept in the trust bundle until it expires), the aggregator's server certificate (for the Service's DNS name), one client
 //! certificate per hospital (in the hospital's namespace), and the TFHE study key (a master copy in
 //! the operator's namespace, a copy per hospital mounted only by its trainer pods). Certificates
 //! are renewed when less than a third of their lifetime is left; a hospital that leaves a study loses
@@ -79,40 +81,95 @@ async fn apply(api: &Api<Secret>, s: &Secret) -> Result<Secret> {
         .await?)
 }
 
-/// The study's CA, created once (create-if-absent, so two reconciles never make two CAs).
-pub async fn ensure_ca(client: &Client, study: &FederatedStudy) -> Result<StudyCa> {
+/// The study's CA and the trust bundle (current CA, then the previous one while it is valid).
+pub struct StudyTrust {
+    pub ca: StudyCa,
+    pub bundle: String,
+}
+
+/// Whether a CA certificate must be replaced: unreadable, or less than a third of its lifetime left.
+pub fn ca_needs_renewal(cert_pem: &str, now: i64) -> bool {
+    match caduceus_pki::validity_window(cert_pem) {
+        Ok((from, to)) => now + (to - from) / 3 >= to,
+        Err(_) => true,
+    }
+}
+
+/// The study's CA, in the operator's namespace: created once (create-if-absent, so two reconciles
+/// never make two CAs) and renewed before it expires.
+pub async fn ensure_ca(client: &Client, operator_ns: &str, study: &FederatedStudy) -> Result<StudyTrust> {
     let ns = study.namespace().unwrap_or_default();
     let name = study.name_any();
     let id = names::study_id(&ns, &name);
-    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let existing = match api.get_opt(&names::ca_secret(&name)).await? {
+    let api: Api<Secret> = Api::namespaced(client.clone(), operator_ns);
+    let secret_name = names::ca_secret(&ns, &name);
+    let new_secret = |ca: &StudyCa, previous: Option<&str>| {
+        let mut data: Vec<(&str, &[u8])> = vec![
+            ("ca.crt", ca.cert_pem().as_bytes()),
+            ("ca.key", ca.key_pem().as_bytes()),
+        ];
+        if let Some(p) = previous {
+            data.push(("previous.crt", p.as_bytes()));
+        }
+        build::secret(
+            &secret_name,
+            operator_ns,
+            names::study_labels(&ns, &name, "ca"),
+            None,
+            &data,
+        )
+    };
+    let existing = match api.get_opt(&secret_name).await? {
         Some(s) => s,
         None => {
             let ca = StudyCa::generate(&id, CA_LIFETIME)?;
-            let s = build::secret(
-                &names::ca_secret(&name),
-                &ns,
-                names::study_labels(&ns, &name, "ca"),
-                Some(build::controller_ref(study)),
-                &[
-                    ("ca.crt", ca.cert_pem().as_bytes()),
-                    ("ca.key", ca.key_pem().as_bytes()),
-                ],
-            );
-            create_or_get(&api, &s).await?
+            let s = create_or_get(&api, &new_secret(&ca, None)).await?;
+            // Earlier versions kept the CA, key included, in the study's namespace: remove it.
+            let legacy: Api<Secret> = Api::namespaced(client.clone(), &ns);
+            match legacy
+                .delete(&names::legacy_ca_secret(&name), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            s
         }
     };
-    let (Some(cert), Some(key)) = (text(&existing, "ca.crt"), text(&existing, "ca.key")) else {
+    let (Some(mut cert), Some(mut key)) = (text(&existing, "ca.crt"), text(&existing, "ca.key")) else {
         return Err(Error::Other(format!(
-            "Secret {ns}/{} lacks ca.crt or ca.key",
-            names::ca_secret(&name)
+            "Secret {operator_ns}/{secret_name} lacks ca.crt or ca.key"
         )));
     };
-    Ok(StudyCa::from_pem(&id, &cert, &key)?)
+    let mut previous = text(&existing, "previous.crt");
+    if ca_needs_renewal(&cert, now_unix()) {
+        let ca = StudyCa::generate(&id, CA_LIFETIME)?;
+        apply(&api, &new_secret(&ca, Some(&cert))).await?;
+        previous = Some(cert);
+        cert = ca.cert_pem().to_string();
+        key = ca.key_pem().to_string();
+    }
+    let ca = StudyCa::from_pem(&id, &cert, &key)?;
+    let mut bundle = cert.clone();
+    if let Some(p) =
+        previous.filter(|p| caduceus_pki::validity_window(p).is_ok_and(|(_, to)| to > now_unix()))
+    {
+        if !bundle.ends_with('\n') {
+            bundle.push('\n');
+        }
+        bundle.push_str(&p);
+    }
+    Ok(StudyTrust { ca, bundle })
 }
 
 /// The aggregator's server certificate; `true` when it was (re)issued.
-pub async fn ensure_aggregator_tls(client: &Client, study: &FederatedStudy, ca: &StudyCa) -> Result<bool> {
+pub async fn ensure_aggregator_tls(
+    client: &Client,
+    study: &FederatedStudy,
+    trust: &StudyTrust,
+) -> Result<bool> {
+    let ca = &trust.ca;
     let ns = study.namespace().unwrap_or_default();
     let name = study.name_any();
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -121,7 +178,7 @@ pub async fn ensure_aggregator_tls(client: &Client, study: &FederatedStudy, ca: 
     if !needs_renewal(
         cur.as_ref().and_then(|s| text(s, "tls.crt")).as_deref(),
         cur.as_ref().and_then(|s| text(s, "ca.crt")).as_deref(),
-        ca.cert_pem(),
+        &trust.bundle,
         now_unix(),
     ) {
         return Ok(false);
@@ -138,7 +195,7 @@ pub async fn ensure_aggregator_tls(client: &Client, study: &FederatedStudy, ca: 
         &[
             ("tls.crt", cert_pem.as_bytes()),
             ("tls.key", key_pem.as_bytes()),
-            ("ca.crt", ca.cert_pem().as_bytes()),
+            ("ca.crt", trust.bundle.as_bytes()),
         ],
     );
     apply(&api, &s).await?;
@@ -159,10 +216,11 @@ fn hospital_labels(study: &FederatedStudy, hospital: &str, component: &str) -> B
 pub async fn ensure_hospital_tls(
     client: &Client,
     study: &FederatedStudy,
-    ca: &StudyCa,
+    trust: &StudyTrust,
     hospital_ns: &str,
     hospital: &str,
 ) -> Result<bool> {
+    let ca = &trust.ca;
     let sns = study.namespace().unwrap_or_default();
     let name = study.name_any();
     let api: Api<Secret> = Api::namespaced(client.clone(), hospital_ns);
@@ -171,7 +229,7 @@ pub async fn ensure_hospital_tls(
     if !needs_renewal(
         cur.as_ref().and_then(|s| text(s, "tls.crt")).as_deref(),
         cur.as_ref().and_then(|s| text(s, "ca.crt")).as_deref(),
-        ca.cert_pem(),
+        &trust.bundle,
         now_unix(),
     ) {
         return Ok(false);
@@ -186,7 +244,7 @@ pub async fn ensure_hospital_tls(
         &[
             ("tls.crt", cert_pem.as_bytes()),
             ("tls.key", key_pem.as_bytes()),
-            ("ca.crt", ca.cert_pem().as_bytes()),
+            ("ca.crt", trust.bundle.as_bytes()),
         ],
     );
     apply(&api, &s).await?;
@@ -278,35 +336,62 @@ pub async fn revoke_hospital(
     Ok(removed)
 }
 
-/// `namespace/hospital` of every hospital that holds Secrets of the study.
-pub async fn hospitals_with_secrets(client: &Client, study: &FederatedStudy) -> Result<Vec<String>> {
+/// `namespace/hospital` of every hospital that holds Secrets of the study, looked for in `namespaces`
+/// (`None`: cluster-wide).
+pub async fn hospitals_with_secrets(
+    client: &Client,
+    study: &FederatedStudy,
+    namespaces: Option<&std::collections::BTreeSet<String>>,
+) -> Result<Vec<String>> {
     let sns = study.namespace().unwrap_or_default();
     let name = study.name_any();
-    let api: Api<Secret> = Api::all(client.clone());
     let lp = ListParams::default().labels(&format!(
         "{}={name},{}={sns},{}",
         names::LABEL_STUDY,
         names::LABEL_STUDY_NAMESPACE,
         names::LABEL_HOSPITAL
     ));
-    let mut v: Vec<String> = api
-        .list_metadata(&lp)
-        .await?
-        .items
-        .iter()
-        .filter_map(|s| {
+    let mut v: Vec<String> = Vec::new();
+    let apis: Vec<Api<Secret>> = match namespaces {
+        None => vec![Api::all(client.clone())],
+        Some(ns) => ns.iter().map(|n| Api::namespaced(client.clone(), n)).collect(),
+    };
+    for api in apis {
+        v.extend(api.list_metadata(&lp).await?.items.iter().filter_map(|s| {
             let h = s.metadata.labels.as_ref()?.get(names::LABEL_HOSPITAL)?;
             Some(names::hospital_ref(s.metadata.namespace.as_deref()?, h))
-        })
-        .collect();
+        }));
+    }
     v.sort();
     v.dedup();
     Ok(v)
 }
 
+/// The trainer's ServiceAccount in a hospital namespace (server-side apply: idempotent).
+pub async fn ensure_trainer_service_account(client: &Client, hospital_ns: &str) -> Result<()> {
+    let sa = build::trainer_service_account(hospital_ns);
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), hospital_ns)
+        .patch(
+            names::TRAINER_SERVICE_ACCOUNT,
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&sa),
+        )
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ca_is_renewed_before_it_expires() {
+        let ca = StudyCa::generate("s", CA_LIFETIME).unwrap();
+        let (from, to) = caduceus_pki::validity_window(ca.cert_pem()).unwrap();
+        assert!(!ca_needs_renewal(ca.cert_pem(), from + 60));
+        assert!(ca_needs_renewal(ca.cert_pem(), to - (to - from) / 4));
+        assert!(ca_needs_renewal("garbage", from));
+    }
 
     #[test]
     fn renewal_rules() {

@@ -2,23 +2,30 @@
 //!
 //! Each reconcile (level-triggered, idempotent):
 //! 1. validate what CEL cannot (invalid studies wait for a change, no hot retries);
-//! 2. fix the DP plan (σ from `targetEpsilon`) once, in status;
+//! 2. compute the consent hash of the study's terms and fix the DP plan (σ from `targetEpsilon`) for
+//!    it, in status;
 //! 3. ensure the aggregator's ServiceAccount, Service, CA and certificate;
-//! 4. look at the study's `TrainingRound`s: if none runs, start the next one — choose participants
-//!    (selector, consent, `Ready`, projected ε within budget), reserve their privacy spending in
-//!    each ledger, then create the round; retry a failed round under `rounds.maxRetries`; finish
-//!    the study after `rounds.total` rounds;
-//! 5. revoke the certificates of hospitals that left; write the status.
+//! 4. decide each hospital's admission (selector, served namespace, consent with the current hash,
+//!    trainer image allowed, DP or `allowNonPrivateStudies`, projected ε within budget, `Ready`) and
+//!    record it in the hospital's `status.admissions` and the study's `HospitalsAdmitted`;
+//! 5. look at the study's signed `TrainingRound`s: if none runs, start the next one — reserve the
+//!    participants' privacy spending in each durable ledger, then create and sign the round
+//!    (reservations are cancelled on every path that creates none); retry a failed round under
+//!    `rounds.maxRetries`; finish the study after `rounds.total` rounds;
+//! 6. revoke the certificates of hospitals that left; write the status.
 //!
 //! The finalizer deletes what owner references cannot reach: trainer Jobs and Secrets in the
-//! hospitals' namespaces and the study key's master copy.
+//! hospitals' namespaces, and the study CA and key's master copy in the operator's namespace.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use caduceus_crds::conditions::{ConditionExt, status as cstatus, types};
+use caduceus_crds::hospital::StudyAdmission;
+use caduceus_crds::study::PrivacyPlan;
 use caduceus_crds::{FederatedStudy, FederatedStudyStatus, HospitalClient, TrainingRound, set_condition};
+use caduceus_privacy::ledger::RoundKey;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service, ServiceAccount};
 use k8s_openapi::jiff::Timestamp;
@@ -36,10 +43,15 @@ use crate::names;
 use crate::plan::{self, Candidate, Exclusion};
 use crate::round::finished;
 use crate::secrets;
+use crate::signing;
 
 pub async fn reconcile(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile("study");
     let ns = study.namespace().unwrap_or_default();
+    // A namespace this operator does not serve may be another operator's: leave it alone.
+    if !ctx.settings.serves(&ns) {
+        return Ok(Action::await_change());
+    }
     let api: Api<FederatedStudy> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, crate::STUDY_FINALIZER, study, |event| async {
         match event {
@@ -81,16 +93,19 @@ async fn write_status(ctx: &Context, study: &FederatedStudy, status: &FederatedS
     Ok(())
 }
 
-/// The study's rounds, sorted by (round, attempt).
-async fn rounds_of(ctx: &Context, study: &FederatedStudy) -> Result<Vec<TrainingRound>> {
+/// The study's rounds that this controller made (signed, for this study's UID), sorted by
+/// (round, attempt). Anything else that claims to be one of its rounds is ignored here; the round
+/// controller marks it `NotCreatedByOperator`.
+async fn rounds_of(ctx: &Context, study: &FederatedStudy, key: &[u8]) -> Result<Vec<TrainingRound>> {
     let ns = study.namespace().unwrap_or_default();
     let api: Api<TrainingRound> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = study.metadata.uid.clone();
     let mut v: Vec<TrainingRound> = api
         .list(&ListParams::default().labels(&format!("{}={}", names::LABEL_STUDY, study.name_any())))
         .await?
         .items
         .into_iter()
-        .filter(|r| r.spec.study == study.name_any())
+        .filter(|r| r.spec.study == study.name_any() && r.spec.study_uid == uid && signing::verify(key, r))
         .collect();
     v.sort_by_key(|r| (r.spec.round, r.spec.attempt));
     Ok(v)
@@ -132,6 +147,35 @@ pub fn next_step(total: u32, max_retries: u32, rounds: &[(u32, u32, Option<bool>
     }
 }
 
+/// Sets `Ready=False` with `reason`, publishes a warning when it changed, writes the status.
+async fn not_ready(
+    ctx: &Context,
+    study: &FederatedStudy,
+    status: &mut FederatedStudyStatus,
+    reason: &str,
+    msg: String,
+    action: &str,
+) -> Result<()> {
+    if set_condition(
+        &mut status.conditions,
+        types::READY,
+        cstatus::FALSE,
+        reason,
+        msg.clone(),
+        study.metadata.generation,
+    ) {
+        ctx.event(study, true, reason, action, msg).await;
+    }
+    write_status(ctx, study, status).await
+}
+
+/// A hospital with its admission decision for this study.
+pub struct Decision {
+    pub hospital: HospitalClient,
+    pub candidate: Candidate,
+    pub admitted: std::result::Result<(), Exclusion>,
+}
+
 async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> {
     let ns = study.namespace().unwrap_or_default();
     let name = study.name_any();
@@ -141,41 +185,43 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
     ctx.metrics.init_study(&ns, &name);
 
     // Validate.
-    if let Err(msg) = plan::validate(&study.spec) {
-        if set_condition(
-            &mut status.conditions,
-            types::READY,
-            cstatus::FALSE,
-            "Invalid",
-            msg.clone(),
-            generation,
-        ) {
-            ctx.event(&*study, true, "Invalid", "Validate", msg).await;
-        }
-        write_status(&ctx, &study, &status).await?;
+    if !ctx.settings.serves(&ns) {
+        let msg = format!("the operator does not serve namespace {ns} (its --watch-namespaces)");
+        not_ready(&ctx, &study, &mut status, "NamespaceNotServed", msg, "Validate").await?;
         return Ok(Action::await_change());
     }
-    if status.privacy_plan.is_none() && study.spec.privacy.enabled {
-        let spec = study.spec.clone();
-        let planned = tokio::task::spawn_blocking(move || plan::privacy_plan(&spec))
-            .await
-            .map_err(|e| Error::Other(e.to_string()))?;
-        match planned {
-            Ok(p) => status.privacy_plan = p,
-            Err(msg) => {
-                set_condition(
-                    &mut status.conditions,
-                    types::READY,
-                    cstatus::FALSE,
-                    "Invalid",
-                    msg.clone(),
-                    generation,
-                );
-                ctx.event(&*study, true, "Invalid", "PlanPrivacy", msg).await;
-                write_status(&ctx, &study, &status).await?;
-                return Ok(Action::await_change());
+    if let Err(msg) = plan::validate(&study.spec) {
+        not_ready(&ctx, &study, &mut status, "Invalid", msg, "Validate").await?;
+        return Ok(Action::await_change());
+    }
+    let selector = match Selector::try_from(study.spec.hospital_selector.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("spec.hospitalSelector is invalid: {e}");
+            not_ready(&ctx, &study, &mut status, "InvalidSelector", msg, "Validate").await?;
+            return Ok(Action::await_change());
+        }
+    };
+    // What hospitals consent to; the DP plan is fixed for it (and recomputed when it changes).
+    let hash = ctx.settings.consent_hash(&study);
+    if status.consent_hash.as_deref() != Some(hash.as_str())
+        || (study.spec.privacy.enabled != status.privacy_plan.is_some())
+    {
+        status.privacy_plan = None;
+        if study.spec.privacy.enabled {
+            let spec = study.spec.clone();
+            let planned = tokio::task::spawn_blocking(move || plan::privacy_plan(&spec))
+                .await
+                .map_err(|e| Error::Other(e.to_string()))?;
+            match planned {
+                Ok(p) => status.privacy_plan = p,
+                Err(msg) => {
+                    not_ready(&ctx, &study, &mut status, "Invalid", msg, "PlanPrivacy").await?;
+                    return Ok(Action::await_change());
+                }
             }
         }
+        status.consent_hash = Some(hash.clone());
     }
     if study.spec.suspend {
         set_condition(
@@ -197,18 +243,7 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
             "the model store claim {ns}/{} does not exist",
             study.spec.model_store.claim_name
         );
-        if set_condition(
-            &mut status.conditions,
-            types::READY,
-            cstatus::FALSE,
-            "ModelStoreMissing",
-            msg.clone(),
-            generation,
-        ) {
-            ctx.event(&*study, true, "ModelStoreMissing", "Validate", msg)
-                .await;
-        }
-        write_status(&ctx, &study, &status).await?;
+        not_ready(&ctx, &study, &mut status, "ModelStoreMissing", msg, "Validate").await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
     let ssa = PatchParams::apply(crate::FIELD_MANAGER).force();
@@ -222,8 +257,8 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
         .patch(&svc.name_any(), &ssa, &Patch::Apply(&svc))
         .await?;
-    let ca = secrets::ensure_ca(&ctx.client, &study).await?;
-    if secrets::ensure_aggregator_tls(&ctx.client, &study, &ca).await? {
+    let trust = secrets::ensure_ca(&ctx.client, &ctx.settings.operator_namespace, &study).await?;
+    if secrets::ensure_aggregator_tls(&ctx.client, &study, &trust).await? {
         ctx.event(
             &*study,
             false,
@@ -234,8 +269,9 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
         .await;
     }
 
-    // Rounds.
-    let rounds = rounds_of(&ctx, &study).await?;
+    // Rounds: only those this controller made (signed, for this study's UID).
+    let key = ctx.signing_key().await?.to_vec();
+    let rounds = rounds_of(&ctx, &study, &key).await?;
     let view: Vec<(u32, u32, Option<bool>, String)> = rounds
         .iter()
         .map(|r| {
@@ -250,41 +286,21 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
         .collect();
     summarise(&study, &rounds, &mut status);
 
-    // Hospitals: candidates and revocation of those that left.
-    let hospitals: Vec<HospitalClient> = Api::<HospitalClient>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let selector = Selector::try_from(study.spec.hospital_selector.clone())
-        .map_err(|e| Error::Other(format!("spec.hospitalSelector: {e}")))?;
-    let study_ref = format!("{ns}/{name}");
-    let candidates: Vec<(HospitalClient, Candidate)> = hospitals
-        .into_iter()
-        .map(|h| {
-            let st = h.status.clone().unwrap_or_default();
-            let c = Candidate {
-                reference: names::hospital_ref(&h.namespace().unwrap_or_default(), &h.name_any()),
-                ready: st.conditions.is_true(types::READY),
-                consents: h.spec.consented_studies.contains(&study_ref),
-                selected: selector.matches(h.labels()),
-                budget_epsilon: h.spec.privacy_budget.epsilon,
-                budget_delta: h.spec.privacy_budget.delta,
-                ledger: st.ledger.clone().unwrap_or_default(),
-            };
-            (h, c)
-        })
-        .collect();
-    let members: Vec<&String> = candidates
+    // Hospitals: admission, and revocation of those that left.
+    let decisions = decide(&ctx, &study, &selector, &hash, status.privacy_plan.as_ref()).await?;
+    record_admissions(&ctx, &study, &hash, &decisions, &mut status).await?;
+    let members: Vec<&String> = decisions
         .iter()
-        .filter(|(_, c)| c.selected && c.consents)
-        .map(|(_, c)| &c.reference)
+        .filter(|d| d.candidate.selected && d.candidate.consent == plan::Consent::Hash(hash.clone()))
+        .map(|d| &d.candidate.reference)
         .collect();
     let running_participants: Vec<String> = rounds
         .iter()
         .filter(|r| finished(r.status.as_ref()).is_none())
         .flat_map(|r| r.spec.participants.clone())
         .collect();
-    for holder in secrets::hospitals_with_secrets(&ctx.client, &study).await? {
+    let hospital_namespaces = ctx.settings.watch_namespaces.clone();
+    for holder in secrets::hospitals_with_secrets(&ctx.client, &study, hospital_namespaces.as_ref()).await? {
         if !members.contains(&&holder) && !running_participants.contains(&holder) {
             let (hns, h) = holder.split_once('/').unwrap_or(("", &holder));
             if secrets::revoke_hospital(&ctx.client, &study, hns, h).await? {
@@ -349,7 +365,14 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
             Action::await_change()
         }
         Next::Start { round, attempt } => {
-            let action = start_round(&ctx, &study, &mut status, &candidates, round, attempt).await?;
+            let started = RoundStart {
+                study: &study,
+                hash: &hash,
+                signing_key: &key,
+                round,
+                attempt,
+            };
+            let action = start_round(&ctx, &started, &mut status, &decisions).await?;
             // A round was created (not merely waited for) when start_round says it runs.
             if status
                 .conditions
@@ -365,27 +388,193 @@ async fn apply(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action> 
     Ok(action)
 }
 
-/// Chooses the participants of a round, reserves their spending and creates the TrainingRound.
-async fn start_round(
+/// Every HospitalClient as a candidate of this study, with its admission decision.
+async fn decide(
     ctx: &Context,
     study: &FederatedStudy,
+    selector: &Selector,
+    hash: &str,
+    privacy: Option<&PrivacyPlan>,
+) -> Result<Vec<Decision>> {
+    let ns = study.namespace().unwrap_or_default();
+    let study_ref = format!("{ns}/{}", study.name_any());
+    let acc = plan::accountant(study.spec.privacy.accountant);
+    let (trainer_image, _) = ctx.settings.images(study);
+    let hospitals: Vec<HospitalClient> = Api::<HospitalClient>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let ledgers = ledger::load_all(&ctx.client, &ctx.settings.operator_namespace).await?;
+    Ok(hospitals
+        .into_iter()
+        .map(|h| {
+            let hns = h.namespace().unwrap_or_default();
+            let reference = names::hospital_ref(&hns, &h.name_any());
+            let st = h.status.clone().unwrap_or_default();
+            let ledger = match ledgers.get(&reference) {
+                Some(Some(dl)) => Some(dl.ledger.clone()),
+                Some(None) => None,
+                // Never charged through the durable ledger yet: what the status mirror holds.
+                None => Some(st.ledger.clone().unwrap_or_default()),
+            };
+            let candidate = Candidate {
+                reference,
+                ready: st.conditions.is_true(types::READY),
+                consent: match h.spec.consent_for(&study_ref) {
+                    None => plan::Consent::None,
+                    Some(None) => plan::Consent::Unbound,
+                    Some(Some(given)) => plan::Consent::Hash(given.to_string()),
+                },
+                selected: selector.matches(h.labels()),
+                trainer_image: trainer_image.to_string(),
+                image_allowed: h
+                    .spec
+                    .allows_trainer_image(trainer_image, &ctx.settings.trainer_image),
+                allows_non_private: h.spec.allow_non_private_studies,
+                served: ctx.settings.serves(&hns),
+                deleting: h.metadata.deletion_timestamp.is_some(),
+                budget_epsilon: h.spec.privacy_budget.epsilon,
+                budget_delta: h.spec.privacy_budget.delta,
+                ledger,
+            };
+            let admitted = plan::admit(&candidate, privacy, acc, hash);
+            Decision {
+                hospital: h,
+                candidate,
+                admitted,
+            }
+        })
+        .collect())
+}
+
+/// Writes each selected hospital's admission into its status (only when it changed), and the
+/// study's `HospitalsAdmitted` condition.
+async fn record_admissions(
+    ctx: &Context,
+    study: &FederatedStudy,
+    hash: &str,
+    decisions: &[Decision],
     status: &mut FederatedStudyStatus,
-    candidates: &[(HospitalClient, Candidate)],
+) -> Result<()> {
+    let study_ref = format!("{}/{}", study.namespace().unwrap_or_default(), study.name_any());
+    let mut excluded = Vec::new();
+    let mut selected = 0;
+    for d in decisions.iter().filter(|d| d.candidate.selected) {
+        selected += 1;
+        let (admitted, reason, message) = match &d.admitted {
+            Ok(()) => (true, "Admitted".to_string(), format!("takes part in {study_ref}")),
+            Err(e) => {
+                excluded.push(format!("{} ({})", d.candidate.reference, e.reason()));
+                (false, e.reason().to_string(), e.message(&study_ref, hash))
+            }
+        };
+        let want = StudyAdmission {
+            study: study_ref.clone(),
+            admitted,
+            reason,
+            message,
+            consent_hash: Some(hash.to_string()),
+        };
+        let current = d
+            .hospital
+            .status
+            .as_ref()
+            .and_then(|s| s.admissions.iter().find(|a| a.study == study_ref));
+        if current == Some(&want) || d.hospital.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if !want.admitted && current.is_none_or(|c| c.reason != want.reason) {
+            ctx.event(
+                &d.hospital,
+                true,
+                &want.reason,
+                "Admit",
+                format!("left out of {study_ref}: {}", want.message),
+            )
+            .await;
+        }
+        let hapi: Api<HospitalClient> =
+            Api::namespaced(ctx.client.clone(), &d.hospital.namespace().unwrap_or_default());
+        ledger::update_status(&hapi, &d.hospital.name_any(), |s, _| {
+            match s.admissions.iter_mut().find(|a| a.study == want.study) {
+                Some(a) if *a == want => return Ok(false),
+                Some(a) => *a = want.clone(),
+                None => s.admissions.push(want.clone()),
+            }
+            Ok(true)
+        })
+        .await?;
+    }
+    let generation = study.metadata.generation;
+    if excluded.is_empty() {
+        set_condition(
+            &mut status.conditions,
+            types::HOSPITALS_ADMITTED,
+            cstatus::TRUE,
+            "AllAdmitted",
+            format!("all {selected} selected hospitals are admitted (consent hash {hash})"),
+            generation,
+        );
+    } else {
+        set_condition(
+            &mut status.conditions,
+            types::HOSPITALS_ADMITTED,
+            cstatus::FALSE,
+            "HospitalsExcluded",
+            format!(
+                "{} of {selected} selected hospitals are left out: {}; each HospitalClient's status.admissions says why (consent is given as {study_ref}@{hash})",
+                excluded.len(),
+                excluded.join(", ")
+            ),
+            generation,
+        );
+    }
+    Ok(())
+}
+
+/// The round a study is about to start.
+struct RoundStart<'a> {
+    study: &'a FederatedStudy,
+    hash: &'a str,
+    signing_key: &'a [u8],
     round: u32,
     attempt: u32,
+}
+
+/// Cancels the reservations of `key` that this reconcile made (the round was never created).
+async fn cancel_reservations(ctx: &Context, reserved: &[String], key: &RoundKey) -> Result<()> {
+    for r in reserved {
+        let (hns, h) = r.split_once('/').unwrap_or(("", r));
+        ledger::cancel(&ctx.client, &ctx.settings.operator_namespace, hns, h, key).await?;
+    }
+    Ok(())
+}
+
+/// Chooses the participants of a round, reserves their spending and creates the (signed)
+/// TrainingRound. On every path that creates no round, the reservations made here are cancelled.
+async fn start_round(
+    ctx: &Context,
+    start: &RoundStart<'_>,
+    status: &mut FederatedStudyStatus,
+    decisions: &[Decision],
 ) -> Result<Action> {
+    let study = start.study;
+    let (round, attempt) = (start.round, start.attempt);
     let ns = study.namespace().unwrap_or_default();
     let name = study.name_any();
+    let uid = study.metadata.uid.clone().unwrap_or_default();
     let generation = study.metadata.generation;
     let acc = plan::accountant(study.spec.privacy.accountant);
     let privacy = status.privacy_plan.clone();
+    let opns = ctx.settings.operator_namespace.clone();
     let mut admitted = Vec::new();
     let mut exhausted = Vec::new();
     let mut not_ready = Vec::new();
-    for (h, c) in candidates {
+    for d in decisions {
+        let h = &d.hospital;
         let hapi: Api<HospitalClient> =
             Api::namespaced(ctx.client.clone(), &h.namespace().unwrap_or_default());
-        match plan::admit(c, privacy.as_ref(), acc) {
+        match &d.admitted {
             Ok(()) => {
                 if privacy.is_some()
                     && h.status
@@ -401,29 +590,21 @@ async fn start_round(
                     )
                     .await?;
                 }
-                admitted.push(c.reference.clone());
+                admitted.push(d.candidate.reference.clone());
             }
             Err(Exclusion::BudgetExhausted { message }) => {
                 let already = h
                     .status
                     .as_ref()
                     .and_then(|s| s.conditions.condition(types::PRIVACY_BUDGET_EXHAUSTED))
-                    .is_some_and(|c| c.status == cstatus::TRUE && c.message == message);
-                if !already {
-                    ledger::set_budget_condition(&hapi, &h.name_any(), true, "BudgetExceeded", &message)
+                    .is_some_and(|c| c.status == cstatus::TRUE && c.message == *message);
+                if !already && h.metadata.deletion_timestamp.is_none() {
+                    ledger::set_budget_condition(&hapi, &h.name_any(), true, "BudgetExceeded", message)
                         .await?;
-                    ctx.event(
-                        h,
-                        true,
-                        "PrivacyBudgetExhausted",
-                        "Admit",
-                        format!("left out of {ns}/{name}: {message}"),
-                    )
-                    .await;
                 }
-                exhausted.push(c.reference.clone());
+                exhausted.push(d.candidate.reference.clone());
             }
-            Err(Exclusion::NotReady) => not_ready.push(c.reference.clone()),
+            Err(Exclusion::NotReady) => not_ready.push(d.candidate.reference.clone()),
             Err(_) => {}
         }
     }
@@ -472,21 +653,32 @@ async fn start_round(
     }
 
     // Reserve each participant's spending before the round (and so any trainer Job) exists.
+    let key = ledger::round_key(&ns, &name, &uid, attempt, round);
     let mut participants = Vec::new();
+    let mut reserved = Vec::new();
     if let Some(p) = &privacy {
-        let key = ledger::round_key(&ns, &name, attempt, round);
+        let mechanisms = plan::round_mechanisms(p);
         for r in &chosen {
-            let (hns, h) = r.split_once('/').unwrap_or(("", r));
-            let hapi: Api<HospitalClient> = Api::namespaced(ctx.client.clone(), hns);
-            match ledger::reserve(&hapi, h, &key, &plan::round_mechanism(p), acc).await? {
-                Ok(()) => participants.push(r.clone()),
-                Err(msg) => exhausted.push(format!("{r} ({msg})")),
+            let Some(d) = decisions.iter().find(|d| &d.candidate.reference == r) else {
+                continue;
+            };
+            match ledger::reserve(&ctx.client, &opns, &d.hospital, &key, &mechanisms, acc).await {
+                Ok(Ok(())) => {
+                    participants.push(r.clone());
+                    reserved.push(r.clone());
+                }
+                Ok(Err(msg)) => exhausted.push(format!("{r} ({msg})")),
+                Err(e) => {
+                    cancel_reservations(ctx, &reserved, &key).await?;
+                    return Err(e);
+                }
             }
         }
     } else {
         participants = chosen;
     }
     if participants.len() < min {
+        cancel_reservations(ctx, &reserved, &key).await?;
         let msg = format!(
             "round {round}: only {} hospitals could reserve their privacy spending, {min} are needed",
             participants.len()
@@ -501,7 +693,15 @@ async fn start_round(
         );
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
-    let tr = build::training_round(study, round, attempt, participants.clone());
+    let mut tr = build::training_round(
+        study,
+        round,
+        attempt,
+        participants.clone(),
+        start.hash,
+        privacy.clone(),
+    );
+    signing::attach(start.signing_key, &mut tr);
     let api: Api<TrainingRound> = Api::namespaced(ctx.client.clone(), &ns);
     let pp = PostParams {
         field_manager: Some(crate::FIELD_MANAGER.into()),
@@ -518,8 +718,40 @@ async fn start_round(
             )
             .await;
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e.into()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = api.get(&tr.name_any()).await?;
+            if signing::verify(start.signing_key, &existing) {
+                // Ours, created before a crash: keep it, with its participants.
+                let keep = existing.spec.participants.clone();
+                let extra: Vec<String> = reserved.iter().filter(|r| !keep.contains(r)).cloned().collect();
+                cancel_reservations(ctx, &extra, &key).await?;
+                participants = keep;
+            } else {
+                // Someone else's round in the way of ours: it schedules nothing; remove it.
+                cancel_reservations(ctx, &reserved, &key).await?;
+                match api.delete(&tr.name_any(), &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                ctx.event(
+                    study,
+                    true,
+                    "ForeignRoundDeleted",
+                    "StartRound",
+                    format!(
+                        "TrainingRound {ns}/{} was not created by the operator (no valid signature) and was deleted",
+                        tr.name_any()
+                    ),
+                )
+                .await;
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+        }
+        Err(e) => {
+            cancel_reservations(ctx, &reserved, &key).await?;
+            return Err(e.into());
+        }
     }
     status.current_round = Some(round + 1);
     status.participants = participants;
@@ -609,6 +841,7 @@ fn summarise(study: &FederatedStudy, rounds: &[TrainingRound], status: &mut Fede
 /// Deletes every `K` that matches `lp` outside namespace `keep` (already gone counts as deleted).
 async fn delete_outside<K>(
     client: &kube::Client,
+    namespaces: Option<&std::collections::BTreeSet<String>>,
     keep: &str,
     lp: &ListParams,
     dp: &DeleteParams,
@@ -619,7 +852,21 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    for o in Api::<K>::all(client.clone()).list_metadata(lp).await?.items {
+    let mut items = Vec::new();
+    match namespaces {
+        None => items.extend(Api::<K>::all(client.clone()).list_metadata(lp).await?.items),
+        Some(all) => {
+            for n in all {
+                items.extend(
+                    Api::<K>::namespaced(client.clone(), n)
+                        .list_metadata(lp)
+                        .await?
+                        .items,
+                );
+            }
+        }
+    }
+    for o in items {
         let ns = o.metadata.namespace.clone().unwrap_or_default();
         if ns == keep {
             continue;
@@ -649,15 +896,16 @@ async fn cleanup(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action
         propagation_policy: Some(PropagationPolicy::Background),
         ..Default::default()
     };
-    delete_outside::<Job>(&ctx.client, &ns, &lp, &dp).await?;
-    delete_outside::<Secret>(&ctx.client, &ns, &lp, &dp).await?;
+    let namespaces = ctx.namespaces();
+    delete_outside::<Job>(&ctx.client, namespaces.as_ref(), &ns, &lp, &dp).await?;
+    delete_outside::<Secret>(&ctx.client, namespaces.as_ref(), &ns, &lp, &dp).await?;
     ctx.metrics.forget_study(&ns, &name);
     ctx.event(
         &*study,
         false,
         "CleanedUp",
         "Delete",
-        "deleted the study's trainer Jobs, certificates and keys in other namespaces".into(),
+        "deleted the study's trainer Jobs, certificates, CA and keys in other namespaces".into(),
     )
     .await;
     Ok(Action::await_change())

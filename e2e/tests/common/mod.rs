@@ -360,3 +360,44 @@ spec:
 "#
     )
 }
+
+/// The study's consent hash, once the operator has published it in `status.consentHash`.
+pub async fn consent_hash(client: &Client, study_ns: &str, study: &str) -> String {
+    let api: Api<caduceus_crds::FederatedStudy> = Api::namespaced(client.clone(), study_ns);
+    wait_for(
+        &format!("{study_ns}/{study}'s consent hash"),
+        Duration::from_secs(120),
+        || {
+            let api = api.clone();
+            async move { api.get_opt(study).await.ok().flatten()?.status?.consent_hash }
+        },
+    )
+    .await
+}
+
+/// What a hospital's owner does to join a study: reads the study's consent hash and lists
+/// `namespace/name@hash` in `consentedStudies` (replacing a bare or older entry for the study).
+pub async fn consent(client: &Client, study_ns: &str, study: &str, hospitals: &[(&str, &str)]) -> String {
+    let hash = consent_hash(client, study_ns, study).await;
+    let study_ref = format!("{study_ns}/{study}");
+    for (hns, name) in hospitals {
+        let api: Api<caduceus_crds::HospitalClient> = Api::namespaced(client.clone(), hns);
+        let h = api.get(name).await.expect("the hospital to consent");
+        let mut list: Vec<String> = h
+            .spec
+            .consented_studies
+            .into_iter()
+            .filter(|c| c.split('@').next() != Some(study_ref.as_str()))
+            .collect();
+        list.push(format!("{study_ref}@{hash}"));
+        let patch = serde_json::json!({"spec": {"consentedStudies": list}});
+        api.patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .expect("patching consentedStudies");
+    }
+    hash
+}
