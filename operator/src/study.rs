@@ -896,9 +896,11 @@ async fn cleanup(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<Action
         propagation_policy: Some(PropagationPolicy::Background),
         ..Default::default()
     };
-    let namespaces = ctx.namespaces();
-    delete_outside::<Job>(&ctx.client, namespaces.as_ref(), &ns, &lp, &dp).await?;
-    delete_outside::<Secret>(&ctx.client, namespaces.as_ref(), &ns, &lp, &dp).await?;
+    // Trainer Jobs live in the served namespaces; Secrets there and in the operator's own (CA, key).
+    let served = ctx.settings.watch_namespaces.clone();
+    delete_outside::<Job>(&ctx.client, served.as_ref(), &ns, &lp, &dp).await?;
+    let with_own = ctx.namespaces();
+    delete_outside::<Secret>(&ctx.client, with_own.as_ref(), &ns, &lp, &dp).await?;
     ctx.metrics.forget_study(&ns, &name);
     ctx.event(
         &*study,

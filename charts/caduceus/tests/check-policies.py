@@ -42,7 +42,8 @@ ROUND_ACCOUNTS = ["caduceus-aggregator", "caduceus-trainer"]
 # (apiGroup, resource) -> verbs, per Role. The operator's needs (operator/src), nothing more.
 CLUSTER_RULES = {
     ("fl.caduceus.dev", "federatedstudies"): {"get", "list", "watch", "patch", "update"},
-    ("fl.caduceus.dev", "hospitalclients"): {"get", "list", "watch"},
+    # patch: the finalizer that keeps a hospital while its privacy ledger is not empty.
+    ("fl.caduceus.dev", "hospitalclients"): {"get", "list", "watch", "patch"},
     ("fl.caduceus.dev", "trainingrounds"): {"get", "list", "watch", "create", "patch", "delete"},
     ("fl.caduceus.dev", "federatedstudies/status"): {"get", "patch", "update"},
     ("fl.caduceus.dev", "hospitalclients/status"): {"get", "patch", "update"},
