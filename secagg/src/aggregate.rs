@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 
 use crate::error::Error;
-use crate::params::{BODY_BITS, BODY_BYTES_PER_VALUE, Fingerprint, SecAggParams};
+use crate::fingerprint::Fingerprint;
+use crate::params::{BODY_BITS, BODY_BYTES_PER_VALUE, SecAggParams};
 use crate::wire::{
     ChunkHeader, Contribution, decode_hospital_chunk, encode_aggregate_chunk, push48, validate_id,
 };

@@ -1,6 +1,6 @@
 //! Errors of the secure-aggregation codec.
 
-use crate::params::Fingerprint;
+use crate::fingerprint::Fingerprint;
 
 /// Everything that can go wrong while encoding, aggregating or decoding.
 #[derive(Debug, thiserror::Error)]

@@ -28,7 +28,8 @@ use tfhe::core_crypto::prelude::{GlweSecretKey, PolynomialSize};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::Error;
-use crate::params::{Fingerprint, GLWE_DIMENSION, POLYNOMIAL_SIZE};
+use crate::fingerprint::Fingerprint;
+use crate::params::{GLWE_DIMENSION, POLYNOMIAL_SIZE};
 use crate::wire::validate_id;
 
 /// Magic bytes opening a study key file. Tests that must prove a process holds no key material

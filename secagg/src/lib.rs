@@ -46,6 +46,7 @@ pub mod decrypt;
 #[cfg(feature = "crypto")]
 pub mod encrypt;
 pub mod error;
+pub mod fingerprint;
 pub mod key;
 pub mod params;
 pub mod quant;
@@ -58,8 +59,9 @@ pub use decrypt::{AcceptPolicy, DecryptedAggregate, Decryptor};
 #[cfg(feature = "crypto")]
 pub use encrypt::Encryptor;
 pub use error::Error;
+pub use fingerprint::Fingerprint;
 pub use key::StudyKey;
-pub use params::{Fingerprint, SecAggParams, SumBounds};
+pub use params::{SecAggParams, SumBounds};
 pub use quant::{dequantise_mean, dequantise_sum, quantise};
 
 /// Turns non-negative real weights (e.g. FedAvg example counts or FairFed weights) into

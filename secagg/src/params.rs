@@ -28,6 +28,9 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Error;
 
+/// Re-exported here, where it was defined before it got its own module.
+pub use crate::fingerprint::Fingerprint;
+
 /// Polynomial size N of the GLWE ciphertexts (values per ciphertext).
 pub const POLYNOMIAL_SIZE: usize = 2048;
 /// GLWE dimension k (number of mask polynomials).
@@ -59,25 +62,6 @@ pub const MAX_HOSPITALS_LIMIT: u32 = 256;
 
 /// Worst-case noise of one ciphertext after body truncation: `2^17 + 2^15`.
 pub const PER_CIPHERTEXT_NOISE_BOUND: u64 = (1 << NOISE_BOUND_LOG2) + (1 << (DROPPED_BITS - 1));
-
-/// A 16-byte fingerprint (truncated SHA-256) used for parameters and keys.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Fingerprint(pub [u8; 16]);
-
-impl std::fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Fingerprint({self})")
-    }
-}
 
 /// Limits that every round's weighted sum must respect; they size the encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,8 +33,9 @@
 //! chunk layout implied by the parameters, every length, and that nothing follows the body.
 
 use crate::error::Error;
+use crate::fingerprint::Fingerprint;
 use crate::params::{
-    BODY_BYTES_PER_VALUE, Fingerprint, MAX_HOSPITALS_LIMIT, MAX_TOTAL_VALUES, POLYNOMIAL_SIZE, SecAggParams,
+    BODY_BYTES_PER_VALUE, MAX_HOSPITALS_LIMIT, MAX_TOTAL_VALUES, POLYNOMIAL_SIZE, SecAggParams,
 };
 
 /// Magic bytes opening every message.
