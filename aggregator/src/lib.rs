@@ -1,7 +1,8 @@
 //! The Caduceus aggregator: serves a federated study's rounds over gRPC with mutual TLS.
 //!
 //! - [`config`]: settings from flags and environment ([`AggregatorArgs`]), validated into [`StudyConfig`].
-//! - [`service`]: the study state machine ([`Study`]) and the tonic service ([`FederationService`]).
+//! - [`service`]: the study state machine ([`Study`]), the tonic service ([`FederationService`]), plaintext
+//!   and secure aggregation behind one trait, and checkpoints (one module each).
 //! - [`run`]: the whole program: resume or initialise the model store, listen, run rounds until the study
 //!   completes or fails, write the summary.
 //!
@@ -90,11 +91,7 @@ pub async fn run(args: AggregatorArgs) -> u8 {
 }
 
 async fn run_validated(args: &AggregatorArgs, cfg: StudyConfig) -> anyhow::Result<u8> {
-    let read =
-        |p: &Path, flag: &str| std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()));
-    let cert = read(&args.tls_cert, "--tls-cert")?;
-    let key = read(&args.tls_key, "--tls-key")?;
-    let ca = read(&args.tls_ca, "--tls-ca")?;
+    let pem = caduceus_startup::MtlsPem::read(&args.tls_cert, &args.tls_key, &args.tls_ca)?;
     let study = tokio::task::spawn_blocking(move || Study::open(cfg))
         .await
         .context("opening the study")??;
@@ -125,8 +122,8 @@ async fn run_validated(args: &AggregatorArgs, cfg: StudyConfig) -> anyhow::Resul
     tracing::info!(addr = %local, "listening (mTLS, client certificates required)");
 
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(pem.cert, pem.key))
+        .client_ca_root(Certificate::from_pem(pem.ca))
         .client_auth_optional(false);
     let svc = FederationServer::new(FederationService::new(study.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -146,7 +143,7 @@ async fn run_validated(args: &AggregatorArgs, cfg: StudyConfig) -> anyhow::Resul
     let rounds_study: Arc<Study> = study.clone();
     let outcome = tokio::select! {
         r = rounds_study.run_rounds() => Some(r),
-        _ = shutdown_signal() => None,
+        () = shutdown_signal() => None,
     };
     let code = match &outcome {
         Some(Ok(())) => exit::SUCCESS,

@@ -16,18 +16,19 @@
 //! The data comes from `$CADUCEUS_DATA_DIR/utkface-64`, else `../shared/data/utkface-64` next to the
 //! repository. The trainer binary is taken from the aggregator's target directory, and built there if it
 //! is missing.
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use caduceus_aggregation::ModelStore;
 use caduceus_dataset::{SplitConfig, SplitScheme, hospital_dir_name};
 use caduceus_pki::{DEFAULT_VALIDITY, StudyCa, TlsPaths, write_pem};
-use caduceus_proto::{ClientError, ClientTls, Code, EvaluationCounts, FederationClient, UpdateHeader};
+use caduceus_proto::{ClientTls, Code, EvaluationCounts, FederationClient, UpdateHeader};
+use common::{H0, H1, Proc, StudyDir, client_tls, expect_code};
 
 const STUDY: &str = "itest";
-const H0: &str = "hospital-0";
-const H1: &str = "hospital-1";
 
 fn data_dir() -> PathBuf {
     caduceus_dataset::data_dir()
@@ -35,7 +36,8 @@ fn data_dir() -> PathBuf {
         .join("utkface-64")
 }
 
-fn bins() -> (PathBuf, PathBuf) {
+/// The trainer binary, from the aggregator's target directory (built there if it is missing).
+fn trainer_bin() -> PathBuf {
     let agg = PathBuf::from(env!("CARGO_BIN_EXE_caduceus-aggregator"));
     let dir = agg.parent().unwrap().to_path_buf();
     let trainer = dir.join(format!("caduceus-trainer{}", std::env::consts::EXE_SUFFIX));
@@ -54,82 +56,32 @@ fn bins() -> (PathBuf, PathBuf) {
         let st = cmd.status().expect("running cargo build -p caduceus-trainer");
         assert!(st.success(), "building caduceus-trainer failed");
     }
-    (agg, trainer)
-}
-
-/// Kills a child process (by its own pid) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    trainer
 }
 
 struct Env {
-    dir: tempfile::TempDir,
-    agg_bin: PathBuf,
+    study: StudyDir,
     trainer_bin: PathBuf,
-    ca: PathBuf,
-    server: TlsPaths,
-    hospitals: Vec<(String, TlsPaths)>,
     split: PathBuf,
 }
 
 impl Env {
     fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
+        self.study.path(p)
     }
 
     fn start_aggregator(&self, tag: &str) -> (Proc, u16) {
-        let port_file = self.path(&format!("port-{tag}"));
-        let log = std::fs::File::create(self.path(&format!("aggregator-{tag}.log"))).unwrap();
-        let child = Command::new(&self.agg_bin)
-            .args(["--study-id", STUDY, "--rounds", "2", "--strategy", "fedavg"])
-            .args(["--hospitals", &format!("{H0},{H1}")])
+        let mut cmd = self.study.aggregator(tag, "store");
+        cmd.args(["--strategy", "fedavg"])
             .args(["--arch", "small-cnn", "--init-seed", "1"])
             .args(["--round-deadline-secs", "300", "--linger-secs", "2"])
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--port-file")
-            .arg(&port_file)
-            .arg("--tls-cert")
-            .arg(&self.server.cert)
-            .arg("--tls-key")
-            .arg(&self.server.key)
-            .arg("--tls-ca")
-            .arg(&self.ca)
-            .arg("--model-store")
-            .arg(self.path("store"))
             .arg("--summary-path")
-            .arg(self.path("aggregator-summary.json"))
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("starting the aggregator");
-        let mut p = Proc(child);
-        let t = Instant::now();
-        loop {
-            if let Ok(s) = std::fs::read_to_string(&port_file)
-                && let Ok(port) = s.trim().parse()
-            {
-                return (p, port);
-            }
-            if let Ok(Some(st)) = p.0.try_wait() {
-                panic!(
-                    "aggregator exited with {st}:\n{}",
-                    std::fs::read_to_string(self.path(&format!("aggregator-{tag}.log"))).unwrap_or_default()
-                );
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "aggregator did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .arg(self.path("aggregator-summary.json"));
+        self.study.start(cmd, tag)
     }
 
     fn start_trainer(&self, i: usize, port: u16, rounds: &str) -> Proc {
-        let (name, tls) = &self.hospitals[i];
+        let (name, tls) = &self.study.pki.hospitals[i];
         let log = std::fs::File::create(self.path(&format!("{name}-{rounds}.log"))).unwrap();
         let child = Command::new(&self.trainer_bin)
             .args(["--hospital", name, "--study-id", STUDY, "--rounds", rounds])
@@ -174,20 +126,10 @@ impl Env {
             .expect("starting a trainer");
         Proc(child)
     }
-
-    fn tls(&self, paths: &TlsPaths) -> ClientTls {
-        let pem = paths.read().unwrap();
-        ClientTls {
-            ca_pem: pem.ca_cert,
-            cert_pem: pem.cert,
-            key_pem: pem.key,
-            server_name: "localhost".into(),
-        }
-    }
 }
 
 fn setup() -> Env {
-    let dir = tempfile::tempdir().unwrap();
+    let study = StudyDir::new(STUDY);
     let images = data_dir();
     assert!(
         images.is_dir(),
@@ -205,25 +147,12 @@ fn setup() -> Env {
         min_per_hospital: 20,
     };
     let split = caduceus_dataset::split(&report.records, &cfg).expect("split");
-    let split_dir = dir.path().join("split");
+    let split_dir = study.path("split");
     split.write(&split_dir, &images, &cfg).expect("write split");
-    let files = caduceus_pki::write_study_pki(
-        &dir.path().join("pki"),
-        STUDY,
-        &[H0.to_string(), H1.to_string()],
-        &["localhost".into()],
-        &["127.0.0.1".parse().unwrap()],
-    )
-    .unwrap();
-    let (agg_bin, trainer_bin) = bins();
     Env {
-        agg_bin,
-        trainer_bin,
-        ca: files.ca_cert.clone(),
-        server: files.server.clone(),
-        hospitals: files.hospitals.clone(),
+        study,
+        trainer_bin: trainer_bin(),
         split: split_dir,
-        dir,
     }
 }
 
@@ -251,20 +180,6 @@ async fn wait_until<F: Fn(&caduceus_proto::RoundStatus) -> bool>(
     }
 }
 
-fn expect_code(r: Result<impl std::fmt::Debug, ClientError>, code: Code, needle: &str) {
-    match r {
-        Err(ClientError::Status(s)) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(
-                s.message().contains(needle),
-                "message {:?} lacks {needle:?}",
-                s.message()
-            );
-        }
-        other => panic!("expected {code:?}, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn study_over_mtls_with_refusals_and_restart() {
     let env = setup();
@@ -275,19 +190,19 @@ async fn study_over_mtls_with_refusals_and_restart() {
     let rogue = StudyCa::generate(STUDY, DEFAULT_VALIDITY).unwrap();
     let rc = rogue.issue_hospital(H0, DEFAULT_VALIDITY).unwrap();
     let rogue_paths = TlsPaths {
-        ca_cert: env.ca.clone(),
+        ca_cert: env.study.pki.ca_cert.clone(),
         cert: env.path("rogue.pem"),
         key: env.path("rogue-key.pem"),
     };
     write_pem(&rogue_paths.cert, &rc.cert_pem, false).unwrap();
     write_pem(&rogue_paths.key, &rc.key_pem, true).unwrap();
-    let refused = match FederationClient::connect(&addr, &env.tls(&rogue_paths), STUDY).await {
+    let refused = match FederationClient::connect(&addr, &client_tls(&rogue_paths), STUDY).await {
         Err(e) => Some(e.to_string()),
         Ok(mut c) => c.status(None, Duration::ZERO).await.err().map(|e| e.to_string()),
     };
     assert!(refused.is_some(), "a certificate from another CA was accepted");
 
-    let mut c0 = FederationClient::connect(&addr, &env.tls(&env.hospitals[0].1), STUDY)
+    let mut c0 = FederationClient::connect(&addr, &client_tls(&env.study.pki.hospitals[0].1), STUDY)
         .await
         .expect("connect as hospital-0");
     let st = c0.status(None, Duration::ZERO).await.unwrap();
@@ -301,7 +216,7 @@ async fn study_over_mtls_with_refusals_and_restart() {
         assert!(
             st.success(),
             "trainer failed for round 0: see {}",
-            env.dir.path().display()
+            env.study.dir.path().display()
         );
     }
     wait_until(&mut c0, "round 1 to open", Duration::from_secs(60), |s| {
@@ -317,7 +232,7 @@ async fn study_over_mtls_with_refusals_and_restart() {
     let ckpt1 = store.load_round(1).unwrap();
     let (mut agg2, port) = env.start_aggregator("b");
     let addr = format!("127.0.0.1:{port}");
-    let mut c0 = FederationClient::connect(&addr, &env.tls(&env.hospitals[0].1), STUDY)
+    let mut c0 = FederationClient::connect(&addr, &client_tls(&env.study.pki.hospitals[0].1), STUDY)
         .await
         .unwrap();
     let st = c0.status(None, Duration::ZERO).await.unwrap();
@@ -361,16 +276,17 @@ async fn study_over_mtls_with_refusals_and_restart() {
         Code::FailedPrecondition,
         "round 1 is open",
     );
-    let mut other_study = FederationClient::connect(&addr, &env.tls(&env.hospitals[0].1), "other-study")
-        .await
-        .unwrap();
+    let mut other_study =
+        FederationClient::connect(&addr, &client_tls(&env.study.pki.hospitals[0].1), "other-study")
+            .await
+            .unwrap();
     expect_code(
         other_study.submit(header(1), Some(&zeros), None).await,
         Code::PermissionDenied,
         "other-study",
     );
-    let ca_pem = std::fs::read_to_string(&env.ca).unwrap();
-    let ca_key = std::fs::read_to_string(env.path("pki/ca-key.pem")).unwrap();
+    let ca_pem = std::fs::read_to_string(&env.study.pki.ca_cert).unwrap();
+    let ca_key = std::fs::read_to_string(&env.study.pki.ca_key).unwrap();
     let ca = StudyCa::from_pem(STUDY, &ca_pem, &ca_key).unwrap();
     let stranger = ca.issue_hospital("hospital-9", DEFAULT_VALIDITY).unwrap();
     let stranger_tls = ClientTls {
@@ -510,25 +426,10 @@ fn bad_settings_name_the_flag() {
 /// A round that misses its quorum by the deadline fails the study clearly (exit 1, summary says why).
 #[test]
 fn missed_quorum_fails_the_study() {
-    let dir = tempfile::tempdir().unwrap();
-    let files = caduceus_pki::write_study_pki(
-        dir.path(),
-        STUDY,
-        &[H0.to_string(), H1.to_string()],
-        &["localhost".into()],
-        &["127.0.0.1".parse().unwrap()],
-    )
-    .unwrap();
-    let summary = dir.path().join("summary.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_caduceus-aggregator"))
-        .args([
-            "--study-id",
-            STUDY,
-            "--rounds",
-            "2",
-            "--hospitals",
-            "hospital-0,hospital-1",
-        ])
+    let env = StudyDir::new(STUDY);
+    let summary = env.path("summary.json");
+    let out = env
+        .aggregator("q", "store")
         .args([
             "--quorum-min",
             "1",
@@ -537,15 +438,7 @@ fn missed_quorum_fails_the_study() {
             "--linger-secs",
             "0",
         ])
-        .args(["--listen", "127.0.0.1:0", "--arch", "resnet8"])
-        .arg("--tls-cert")
-        .arg(&files.server.cert)
-        .arg("--tls-key")
-        .arg(&files.server.key)
-        .arg("--tls-ca")
-        .arg(&files.ca_cert)
-        .arg("--model-store")
-        .arg(dir.path().join("store"))
+        .args(["--arch", "resnet8"])
         .arg("--summary-path")
         .arg(&summary)
         .output()

@@ -9,113 +9,27 @@
 //! - an upload that stops sending (after its header, or before it) is cut off with
 //!   DEADLINE_EXCEEDED after the idle timeout, and its upload slot is free again: the same hospital's
 //!   proper update is accepted afterwards.
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
 use caduceus_proto::{
-    ClientError, ClientTls, Code, EvaluationCounts, FederationClient, UpdateChunk, UpdateHeader, Vector,
-    data_chunk, f32_chunk, update_chunk,
+    Code, FederationClient, UpdateChunk, UpdateHeader, Vector, data_chunk, f32_chunk, update_chunk,
 };
+use common::{Proc, StudyDir, expect_code, sample_counts};
 use futures::StreamExt;
 
 const STUDY: &str = "limits-itest";
-const H0: &str = "hospital-0";
-const H1: &str = "hospital-1";
 const FINGERPRINT: &str = "0123456789abcdef0123456789abcdef";
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-    pki: caduceus_pki::StudyPkiFiles,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = caduceus_pki::write_study_pki(
-            &dir.path().join("pki"),
-            STUDY,
-            &[H0.to_string(), H1.to_string()],
-            &["localhost".to_string()],
-            &["127.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
-        Env { dir, pki }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// Starts an aggregator (resnet8, 2 hospitals, 1 s idle timeout) with `extra` flags.
-    fn start(&self, tag: &str, extra: &[&str]) -> (Proc, u16) {
-        let port_file = self.path(&format!("port-{tag}"));
-        let log_path = self.path(&format!("aggregator-{tag}.log"));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_caduceus-aggregator"))
-            .args(["--study-id", STUDY, "--rounds", "2"])
-            .args(["--hospitals", &format!("{H0},{H1}")])
-            .args(["--arch", "resnet8", "--init-seed", "1"])
-            .args(["--round-deadline-secs", "300", "--linger-secs", "0"])
-            .args(["--upload-idle-timeout-secs", "1"])
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--port-file")
-            .arg(&port_file)
-            .arg("--tls-cert")
-            .arg(&self.pki.server.cert)
-            .arg("--tls-key")
-            .arg(&self.pki.server.key)
-            .arg("--tls-ca")
-            .arg(&self.pki.ca_cert)
-            .arg("--model-store")
-            .arg(self.path(&format!("store-{tag}")))
-            .args(extra)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("starting the aggregator");
-        let mut p = Proc(child);
-        let t = Instant::now();
-        loop {
-            if let Ok(s) = std::fs::read_to_string(&port_file)
-                && let Ok(port) = s.trim().parse()
-            {
-                return (p, port);
-            }
-            if let Ok(Some(st)) = p.0.try_wait() {
-                panic!(
-                    "aggregator exited with {st}:\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "aggregator did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    async fn client(&self, i: usize, port: u16) -> FederationClient {
-        let pem = self.pki.hospitals[i].1.read().unwrap();
-        let tls = ClientTls {
-            ca_pem: pem.ca_cert,
-            cert_pem: pem.cert,
-            key_pem: pem.key,
-            server_name: "localhost".into(),
-        };
-        FederationClient::connect(&format!("127.0.0.1:{port}"), &tls, STUDY)
-            .await
-            .unwrap()
-    }
+/// Starts an aggregator (resnet8, 2 hospitals, 1 s idle timeout) with `extra` flags.
+fn start(env: &StudyDir, tag: &str, extra: &[&str]) -> (Proc, u16) {
+    let mut cmd = env.aggregator(tag, &format!("store-{tag}"));
+    cmd.args(["--arch", "resnet8", "--init-seed", "1"])
+        .args(["--round-deadline-secs", "300", "--linger-secs", "0"])
+        .args(["--upload-idle-timeout-secs", "1"])
+        .args(extra);
+    env.start(cmd, tag)
 }
 
 fn header(num_examples: u64, n: u64) -> UpdateHeader {
@@ -124,12 +38,7 @@ fn header(num_examples: u64, n: u64) -> UpdateHeader {
         round: 0,
         num_examples,
         num_parameters: n,
-        evaluation: Some(EvaluationCounts {
-            examples: 10,
-            correct: 6,
-            loss_sum: 6.0,
-            ..Default::default()
-        }),
+        evaluation: Some(sample_counts()),
         ..Default::default()
     }
 }
@@ -146,20 +55,6 @@ fn data(c: caduceus_proto::DataChunk) -> UpdateChunk {
     }
 }
 
-fn expect_code<T: std::fmt::Debug>(r: Result<T, ClientError>, code: Code, needle: &str) {
-    match r {
-        Err(ClientError::Status(s)) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(
-                s.message().contains(needle),
-                "message {:?} lacks {needle:?}",
-                s.message()
-            );
-        }
-        other => panic!("expected {code:?}, got {other:?}"),
-    }
-}
-
 /// The resnet8 model's parameter count, as the aggregator serves it.
 async fn model_len(c: &mut FederationClient) -> usize {
     c.fetch_model(0).await.unwrap().params.len()
@@ -167,8 +62,8 @@ async fn model_len(c: &mut FederationClient) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbounded_counts_empty_chunks_and_stalled_uploads_are_refused() {
-    let env = Env::new();
-    let (_agg, port) = env.start("plain", &[]);
+    let env = StudyDir::new(STUDY);
+    let (_agg, port) = start(&env, "plain", &[]);
     let mut c = env.client(0, port).await;
     let n = model_len(&mut c).await;
     let zeros = vec![0.0f32; n];
@@ -248,8 +143,9 @@ async fn unbounded_counts_empty_chunks_and_stalled_uploads_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_encrypted_chunk_is_refused() {
-    let env = Env::new();
-    let (_agg, port) = env.start(
+    let env = StudyDir::new(STUDY);
+    let (_agg, port) = start(
+        &env,
         "secure",
         &["--secure-aggregation", "tfhe", "--key-fingerprint", FINGERPRINT],
     );

@@ -10,139 +10,61 @@
 //!   within the stated quantisation error, and it is checkpointed: a restarted aggregator resumes and
 //!   serves the same ciphertexts;
 //! - SCAFFOLD and a missing key fingerprint are refused at start-up.
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use caduceus_proto::{ClientError, ClientTls, Code, EvaluationCounts, FederationClient, UpdateHeader};
+use caduceus_proto::{ClientError, Code, FederationClient, UpdateHeader};
 use caduceus_secagg::{AcceptPolicy, Decryptor, Encryptor, SecAggParams, StudyKey, SumBounds};
+use common::{H0, H1, Proc, StudyDir, sample_counts};
 
 const STUDY: &str = "secagg-itest";
-const H0: &str = "hospital-0";
-const H1: &str = "hospital-1";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 struct Env {
-    dir: tempfile::TempDir,
-    pki: caduceus_pki::StudyPkiFiles,
+    study: StudyDir,
     key: StudyKey,
     key_path: PathBuf,
 }
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = caduceus_pki::write_study_pki(
-            &dir.path().join("pki"),
-            STUDY,
-            &[H0.to_string(), H1.to_string()],
-            &["localhost".to_string()],
-            &["127.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
+        let study = StudyDir::new(STUDY);
         // The key lives in a hospital's directory; the aggregator is only told its fingerprint.
         let key = StudyKey::generate(STUDY).unwrap();
-        let hdir = dir.path().join("hospital-0");
+        let hdir = study.path("hospital-0");
         std::fs::create_dir_all(&hdir).unwrap();
         let key_path = hdir.join("study.key");
         key.save(&key_path).unwrap();
-        Env {
-            dir,
-            pki,
-            key,
-            key_path,
-        }
+        Env { study, key, key_path }
     }
 
     fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
+        self.study.path(p)
     }
 
     fn aggregator(&self, tag: &str, extra: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_caduceus-aggregator"));
-        c.args(["--study-id", STUDY, "--rounds", "2"])
-            .args(["--hospitals", &format!("{H0},{H1}")])
-            .args(["--arch", "small-cnn", "--init-seed", "3"])
+        let mut c = self.study.aggregator(tag, "store");
+        c.args(["--arch", "small-cnn", "--init-seed", "3"])
             .args(["--round-deadline-secs", "300", "--linger-secs", "1"])
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--port-file")
-            .arg(self.path(&format!("port-{tag}")))
-            .arg("--tls-cert")
-            .arg(&self.pki.server.cert)
-            .arg("--tls-key")
-            .arg(&self.pki.server.key)
-            .arg("--tls-ca")
-            .arg(&self.pki.ca_cert)
-            .arg("--model-store")
-            .arg(self.path("store"))
             .args(extra);
         c
     }
 
     fn start(&self, tag: &str) -> (Proc, u16) {
-        let port_file = self.path(&format!("port-{tag}"));
-        let log = std::fs::File::create(self.path(&format!("aggregator-{tag}.log"))).unwrap();
         let fp = self.key.fingerprint().to_string();
-        let child = self
-            .aggregator(tag, &["--secure-aggregation", "tfhe", "--key-fingerprint", &fp])
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("starting the aggregator");
-        let mut p = Proc(child);
-        let t = Instant::now();
-        loop {
-            if let Ok(s) = std::fs::read_to_string(&port_file)
-                && let Ok(port) = s.trim().parse()
-            {
-                return (p, port);
-            }
-            if let Ok(Some(st)) = p.0.try_wait() {
-                panic!(
-                    "aggregator exited with {st}:\n{}",
-                    std::fs::read_to_string(self.path(&format!("aggregator-{tag}.log"))).unwrap_or_default()
-                );
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "aggregator did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let cmd = self.aggregator(tag, &["--secure-aggregation", "tfhe", "--key-fingerprint", &fp]);
+        self.study.start(cmd, tag)
     }
 
     async fn client(&self, i: usize, port: u16) -> FederationClient {
-        let pem = self.pki.hospitals[i].1.read().unwrap();
-        let tls = ClientTls {
-            ca_pem: pem.ca_cert,
-            cert_pem: pem.cert,
-            key_pem: pem.key,
-            server_name: "localhost".into(),
-        };
-        FederationClient::connect(&format!("127.0.0.1:{port}"), &tls, STUDY)
-            .await
-            .unwrap()
+        self.study.client(i, port).await
     }
 }
 
 fn params() -> SecAggParams {
     SecAggParams::new(1.0, SumBounds::default()).unwrap()
-}
-
-fn eval_counts() -> EvaluationCounts {
-    EvaluationCounts {
-        examples: 10,
-        correct: 6,
-        loss_sum: 6.0,
-        ..Default::default()
-    }
 }
 
 fn header(round: u32, n: usize, num_examples: u64, fp: &str) -> UpdateHeader {
@@ -151,7 +73,7 @@ fn header(round: u32, n: usize, num_examples: u64, fp: &str) -> UpdateHeader {
         num_examples,
         num_parameters: n as u64,
         key_fingerprint: fp.to_string(),
-        evaluation: Some(eval_counts()),
+        evaluation: Some(sample_counts()),
         ..Default::default()
     }
 }
@@ -351,7 +273,7 @@ async fn aggregator_sums_ciphertexts_without_the_key() {
     let plain = UpdateHeader {
         round: 0,
         num_examples: 30,
-        evaluation: Some(eval_counts()),
+        evaluation: Some(sample_counts()),
         ..Default::default()
     };
     expect_code(

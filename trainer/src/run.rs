@@ -469,12 +469,11 @@ impl Trainer<'_> {
 
 async fn run_inner(args: TrainerArgs, reports: &mut Vec<RoundReport>) -> anyhow::Result<String> {
     args.validate()?;
-    let read =
-        |p: &Path, flag: &str| std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()));
+    let pem = caduceus_startup::MtlsPem::read(&args.tls_cert, &args.tls_key, &args.tls_ca)?;
     let tls = ClientTls {
-        ca_pem: read(&args.tls_ca, "--tls-ca")?,
-        cert_pem: read(&args.tls_cert, "--tls-cert")?,
-        key_pem: read(&args.tls_key, "--tls-key")?,
+        ca_pem: pem.ca,
+        cert_pem: pem.cert,
+        key_pem: pem.key,
         server_name: args.server_name(),
     };
     let (shard, root, task, threads) = (
