@@ -7,7 +7,6 @@ mod fairness;
 mod privacy;
 mod report;
 mod simulate;
-mod simulate_dp;
 
 /// Caduceus: federated learning across hospitals, without moving patient images.
 #[derive(Parser, Debug)]

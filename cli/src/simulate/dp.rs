@@ -1,5 +1,5 @@
-//! DP-SGD in `caduceus simulate`: the `--dp-*` options, per-hospital budgets, the runner's
-//! privacy ledgers, and ε per hospital per round.
+//! DP-SGD in `caduceus simulate`: per-hospital DP plans and budgets, the runner's privacy ledgers,
+//! and ε per hospital per round (the `--dp-*` options themselves are in `args`).
 //!
 //! Before the study starts the runner plans each hospital's rounds: σ (given, or from
 //! `--dp-target-epsilon` with `privacy::inverse` for the whole schedule), its sampling rate
@@ -23,103 +23,12 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use caduceus_fairness::RoundResult;
-use caduceus_privacy::evaluation::{DEFAULT_NOISE_MULTIPLIER, evaluation_mechanism, evaluation_releases};
+use caduceus_privacy::evaluation::{evaluation_mechanism, evaluation_releases};
 use caduceus_privacy::inverse::{PlannedPhase, noise_multiplier_for_budget};
 use caduceus_privacy::ledger::{PrivacyBudget, PrivacyLedger, RoundKey};
 use caduceus_privacy::{AccountantKind, SubsampledGaussian};
-use clap::Args;
 
-/// DP options of `caduceus simulate`.
-#[derive(Args, Debug, Clone)]
-pub struct DpSimArgs {
-    /// Train with DP-SGD at this noise multiplier σ.
-    #[arg(long)]
-    pub dp_noise_multiplier: Option<f64>,
-    /// DP-SGD per-example clip norm C.
-    #[arg(long, default_value_t = 1.0)]
-    pub dp_clip_norm: f64,
-    /// Train with DP-SGD, each hospital's σ chosen so that its whole schedule (all rounds, its
-    /// own sample rate and steps) reaches this ε at --dp-delta: the smallest σ that keeps it
-    /// within, so that no hospital adds more noise than its guarantee needs.
-    #[arg(long, conflicts_with = "dp_noise_multiplier")]
-    pub dp_target_epsilon: Option<f64>,
-    /// δ of the privacy guarantee, the budgets and the reported ε.
-    #[arg(long, default_value_t = 1e-5)]
-    pub dp_delta: f64,
-    /// Privacy budget ε of every hospital.
-    #[arg(long)]
-    pub epsilon_budget: Option<f64>,
-    /// Privacy budgets of single hospitals, `hospital-0=E,...` (override --epsilon-budget).
-    #[arg(long, value_delimiter = ',')]
-    pub hospital_budget: Vec<String>,
-    /// Noise multiplier z of the evaluation counts the hospitals send every round under DP (noise
-    /// standard deviation z·√tables per count; each round's release costs a Gaussian mechanism at
-    /// z). The default 10 costs ε = 0.34 per release on its own at δ = 1e-5 and shifts the DP-SGD
-    /// σ of the ε = 8 demo by about 1%, with per-count noise of standard deviation 20 (4 tables);
-    /// see docs/privacy.md, "Evaluation counts under DP".
-    #[arg(long, default_value_t = DEFAULT_NOISE_MULTIPLIER)]
-    pub dp_eval_noise_multiplier: f64,
-}
-
-impl DpSimArgs {
-    pub fn enabled(&self) -> bool {
-        self.dp_noise_multiplier.is_some() || self.dp_target_epsilon.is_some()
-    }
-
-    /// Checks the values, naming the option that is wrong.
-    pub fn validate(&self, hospitals: usize) -> anyhow::Result<BTreeMap<String, f64>> {
-        let positive = |flag: &str, v: f64| -> anyhow::Result<()> {
-            if !(v.is_finite() && v > 0.0) {
-                bail!("{flag} must be a positive number, got {v}");
-            }
-            Ok(())
-        };
-        if let Some(s) = self.dp_noise_multiplier {
-            positive("--dp-noise-multiplier", s)?;
-        }
-        if let Some(e) = self.dp_target_epsilon {
-            positive("--dp-target-epsilon", e)?;
-        }
-        positive("--dp-clip-norm", self.dp_clip_norm)?;
-        positive("--dp-eval-noise-multiplier", self.dp_eval_noise_multiplier)?;
-        if !(self.dp_delta > 0.0 && self.dp_delta < 1.0) {
-            bail!("--dp-delta must be in (0, 1), got {}", self.dp_delta);
-        }
-        let mut budgets = BTreeMap::new();
-        if let Some(e) = self.epsilon_budget {
-            positive("--epsilon-budget", e)?;
-            for i in 0..hospitals {
-                budgets.insert(format!("hospital-{i}"), e);
-            }
-        }
-        for item in &self.hospital_budget {
-            let Some((h, e)) = item.split_once('=') else {
-                bail!("--hospital-budget: expected hospital-N=EPSILON, got {item:?}");
-            };
-            let h = h.trim();
-            let valid = h
-                .strip_prefix("hospital-")
-                .and_then(|n| n.parse::<usize>().ok())
-                .is_some_and(|n| n < hospitals);
-            if !valid {
-                bail!(
-                    "--hospital-budget: {h} is not one of hospital-0..hospital-{}",
-                    hospitals - 1
-                );
-            }
-            let e: f64 = e
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--hospital-budget {h}: {e:?} is not a number"))?;
-            positive("--hospital-budget", e)?;
-            budgets.insert(h.to_string(), e);
-        }
-        if !self.enabled() && !budgets.is_empty() {
-            bail!("--epsilon-budget and --hospital-budget need --dp-noise-multiplier or --dp-target-epsilon");
-        }
-        Ok(budgets)
-    }
-}
+use super::args::DpSimArgs;
 
 /// One hospital's DP plan.
 #[derive(Debug, Clone)]
@@ -420,57 +329,6 @@ impl DpPlan {
             parts.join("  ")
         ))
     }
-}
-
-/// The plan of a `caduceus simulate` run with DP (None without): reads the hospitals' training
-/// set sizes from the split, prints the plan and adds it to `config.json`.
-pub fn plan_for(
-    args: &crate::simulate::SimulateArgs,
-    split_dir: &std::path::Path,
-    config: &mut serde_json::Value,
-) -> anyhow::Result<Option<DpPlan>> {
-    if !args.dp.enabled() {
-        return Ok(None);
-    }
-    let mut sizes = Vec::new();
-    for i in 0..args.hospitals {
-        let dir = split_dir.join(caduceus_dataset::hospital_dir_name(i));
-        let shard =
-            caduceus_dataset::ShardManifests::read(&dir).with_context(|| format!("{}", dir.display()))?;
-        sizes.push(shard.train.records.len());
-    }
-    let sensitive = crate::simulate::sensitive(args.task);
-    let plan = DpPlan::new(
-        &args.dp,
-        &args.study_id,
-        args.rounds,
-        &sizes,
-        args.batch_size,
-        args.local_epochs,
-        (args.local_steps > 0).then_some(args.local_steps),
-        caduceus_trainer::eval::released_tables(&sensitive, args.task),
-    )?;
-    println!("{}", plan.describe(args.rounds));
-    config["dp"] = serde_json::json!({
-        "noise_multiplier": args.dp.dp_noise_multiplier,
-        "clip_norm": plan.clip_norm,
-        "delta": plan.delta,
-        "target_epsilon": args.dp.dp_target_epsilon,
-        "evaluation_noise_multiplier": plan.eval_noise_multiplier,
-        "evaluation_tables": plan.eval_tables,
-        "evaluation_noise_std": plan.eval_noise_multiplier * f64::from(plan.eval_tables).sqrt(),
-        "accountant": "pld",
-        "hospitals": plan.hospitals.iter().map(|h| serde_json::json!({
-            "name": h.name,
-            "sample_rate": h.sample_rate,
-            "steps_per_round": h.steps_per_round,
-            "noise_multiplier": h.noise_multiplier,
-            "budget": h.budget,
-            "last_round": h.last_round,
-            "evaluation_releases": h.evaluation_releases,
-        })).collect::<Vec<_>>(),
-    });
-    Ok(Some(plan))
 }
 
 #[cfg(test)]
