@@ -201,6 +201,107 @@ fn pixels_near(img: &image::RgbImage, rgb: [u8; 3], tol: i32) -> usize {
         .count()
 }
 
+/// Headless Chromium on a closed network, writing nothing outside `profile`.
+fn headless_chromium(chromium: &Path, profile: &Path) -> Command {
+    let mut c = Command::new(chromium);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-domain-reliability",
+        "--metrics-recording-only",
+        // Closed network: every host resolves to nothing and every request goes to a dead proxy.
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=127.0.0.1:9",
+        "--window-size=1000,4200",
+        "--virtual-time-budget=5000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .stdout(Stdio::null());
+    c
+}
+
+/// Runs `command` to success within `limit`, its stderr in `log` (shown when it fails).
+fn run_within(mut command: Command, log: &Path, limit: Duration) {
+    let mut child = command
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start chromium");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let stderr = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = stderr.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            assert!(status.success(), "chromium failed: {status}\n{tail}");
+            return;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("chromium did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Checks that every chart (`<svg>`) in a serialized DOM starts with a non-empty `<title>` and has one
+/// non-empty x and one y axis label (an element of class `axis-label` with `data-axis="x"` / `"y"`);
+/// returns the number of charts.
+fn check_charts(dom: &str) -> usize {
+    let mut charts = 0;
+    for chunk in dom.split("<svg").skip(1) {
+        let svg = &chunk[..chunk.find("</svg>").expect("every <svg> is closed")];
+        let body = &svg[svg.find('>').expect("<svg ...>") + 1..];
+        let title = body
+            .trim_start()
+            .strip_prefix("<title>")
+            .and_then(|t| t.split_once("</title>"))
+            .map(|(t, _)| t.trim());
+        assert!(
+            title.is_some_and(|t| !t.is_empty()),
+            "chart {} does not start with a <title>: {}",
+            charts + 1,
+            &body[..body.len().min(200)]
+        );
+        let title = title.unwrap_or_default();
+        for axis in ["x", "y"] {
+            let marker = format!("data-axis=\"{axis}\"");
+            assert_eq!(
+                body.matches(&marker).count(),
+                1,
+                "chart {title:?}: one {axis} axis label"
+            );
+            let at = body.find(&marker).unwrap();
+            let tag = &body[body[..at].rfind('<').unwrap()..];
+            let tag = &tag[..tag.find('>').unwrap()];
+            assert!(tag.contains("axis-label"), "chart {title:?}: {tag}");
+            let rest = &body[at..];
+            let text = &rest[rest.find('>').unwrap() + 1..rest.find('<').unwrap()];
+            assert!(
+                !text.trim().is_empty(),
+                "chart {title:?}: empty {axis} axis label"
+            );
+        }
+        charts += 1;
+    }
+    charts
+}
+
+#[test]
+fn every_chart_has_a_title_and_axis_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, html) = render(dir.path());
+    assert_eq!(check_charts(&html), 7);
+}
+
 #[test]
 fn report_renders_in_headless_chromium() {
     let Some(chromium) = find_chromium() else {
@@ -213,49 +314,26 @@ fn report_renders_in_headless_chromium() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let (html_path, _) = render(dir.path());
+    let (html_path, html) = render(dir.path());
     let png = dir.path().join("shot.png");
     let profile = dir.path().join("profile");
-    let mut child = Command::new(&chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-            "--no-first-run",
-            "--no-default-browser-check",
-            "--disable-extensions",
-            "--disable-sync",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-domain-reliability",
-            "--metrics-recording-only",
-            // Closed network: every host resolves to nothing and every request goes to a dead proxy.
-            "--host-resolver-rules=MAP * ~NOTFOUND",
-            "--proxy-server=127.0.0.1:9",
-            "--window-size=1000,4200",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("--screenshot={}", png.display()))
-        .arg(format!("file://{}", html_path.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start chromium");
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "chromium failed: {status}");
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("chromium did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let url = format!("file://{}", html_path.display());
+    let mut shot = headless_chromium(&chromium, &profile);
+    shot.arg(format!("--screenshot={}", png.display())).arg(&url);
+    run_within(shot, &dir.path().join("shot.log"), Duration::from_secs(120));
+    // The DOM Chromium built from the file: every chart in it has its title and axis labels.
+    let dom_path = dir.path().join("dom.html");
+    let mut dom = headless_chromium(&chromium, &profile);
+    dom.arg("--dump-dom")
+        .arg(&url)
+        .stdout(std::fs::File::create(&dom_path).unwrap());
+    run_within(dom, &dir.path().join("dom.log"), Duration::from_secs(120));
+    let dom = std::fs::read_to_string(&dom_path).unwrap();
+    assert_eq!(
+        check_charts(&dom),
+        html.matches("<svg").count(),
+        "Chromium's DOM has every chart of the file"
+    );
     // Development aids: keep the screenshot and the report to look at them.
     if let Ok(keep) = std::env::var("CADUCEUS_KEEP_SCREENSHOT") {
         std::fs::copy(&png, keep).unwrap();
