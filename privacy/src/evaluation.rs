@@ -43,7 +43,7 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::error::{PrivacyError, check};
 use crate::mechanism::SubsampledGaussian;
-use crate::noise::DiscreteGaussian;
+use crate::noise::{DiscreteGaussian, check_noise_multiplier, debug_noise, os_rng};
 
 /// Default evaluation noise multiplier z of `caduceus simulate` (the trainer has no default: under
 /// DP it refuses to start without one). Chosen in `docs/privacy.md`, "Evaluation counts under DP":
@@ -112,11 +112,15 @@ pub struct CountNoise {
 
 impl std::fmt::Debug for CountNoise {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CountNoise")
-            .field("noise_multiplier", &self.noise_multiplier)
-            .field("tables", &self.tables)
-            .field("variance", &self.sampler.variance())
-            .finish_non_exhaustive()
+        debug_noise(
+            f,
+            "CountNoise",
+            &[
+                ("noise_multiplier", &self.noise_multiplier),
+                ("tables", &self.tables),
+            ],
+            &self.sampler,
+        )
     }
 }
 
@@ -124,19 +128,12 @@ impl CountNoise {
     /// Noise at multiplier `noise_multiplier` (z) for a release of `tables` count tables, from a
     /// ChaCha20 stream seeded by the operating system.
     pub fn new(noise_multiplier: f64, tables: u32) -> Result<Self, PrivacyError> {
-        use rand::SeedableRng;
-        let rng = ChaCha20Rng::try_from_os_rng().map_err(|e| PrivacyError::Randomness(e.to_string()))?;
-        Self::with_rng(noise_multiplier, tables, rng)
+        Self::with_rng(noise_multiplier, tables, os_rng()?)
     }
 
     /// Same, with a caller-provided ChaCha20 stream (fixed seeds are for tests only).
     pub fn with_rng(noise_multiplier: f64, tables: u32, rng: ChaCha20Rng) -> Result<Self, PrivacyError> {
-        check(
-            "noise_multiplier",
-            noise_multiplier,
-            "in (0, 2^20]",
-            noise_multiplier > 0.0 && noise_multiplier <= (1u64 << 20) as f64,
-        )?;
+        check_noise_multiplier(noise_multiplier)?;
         check(
             "tables",
             f64::from(tables),
@@ -211,6 +208,15 @@ mod tests {
     /// query (Balle and Wang 2018, Thm 8).
     fn gaussian_delta(sigma: f64, eps: f64) -> f64 {
         norm_sf(eps * sigma - 0.5 / sigma) - eps.exp() * norm_sf(eps * sigma + 0.5 / sigma)
+    }
+
+    #[test]
+    fn debug_shows_the_parameters_and_the_variance_but_not_the_random_stream() {
+        let c = CountNoise::with_seed(10.0, 4, 1).unwrap();
+        assert_eq!(
+            format!("{c:?}"),
+            "CountNoise { noise_multiplier: 10.0, tables: 4, variance: 400, .. }"
+        );
     }
 
     #[test]

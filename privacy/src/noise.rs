@@ -36,6 +36,36 @@ const MAX_SCALE: f64 = (1u64 << 24) as f64;
 /// |Y| beyond this is rejected outright: its acceptance probability is below e^{-2^30}.
 const MAX_ABS_SAMPLE: u128 = 1 << 40;
 
+/// A ChaCha20 stream seeded by the operating system, the noise samplers' default randomness.
+pub(crate) fn os_rng() -> Result<ChaCha20Rng, PrivacyError> {
+    ChaCha20Rng::try_from_os_rng().map_err(|e| PrivacyError::Randomness(e.to_string()))
+}
+
+/// The noise multiplier of a sampler over `DiscreteGaussian` must lie in (0, 2^20].
+pub(crate) fn check_noise_multiplier(noise_multiplier: f64) -> Result<(), PrivacyError> {
+    check(
+        "noise_multiplier",
+        noise_multiplier,
+        "in (0, 2^20]",
+        noise_multiplier > 0.0 && noise_multiplier <= (1u64 << 20) as f64,
+    )
+}
+
+/// `Debug` of a noise source: its parameters and its sampler's variance, never the state of its
+/// random stream.
+pub(crate) fn debug_noise(
+    f: &mut std::fmt::Formatter<'_>,
+    name: &str,
+    params: &[(&str, &dyn std::fmt::Debug)],
+    sampler: &DiscreteGaussian,
+) -> std::fmt::Result {
+    let mut d = f.debug_struct(name);
+    for (field, value) in params {
+        d.field(field, value);
+    }
+    d.field("variance", &sampler.variance()).finish_non_exhaustive()
+}
+
 /// Exact sampler of the discrete Gaussian N_ℤ(0, s²) with integer variance s² (Canonne, Kamath
 /// and Steinke 2020, Algorithm 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,13 +130,17 @@ pub struct GaussianNoise {
 
 impl std::fmt::Debug for GaussianNoise {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GaussianNoise")
-            .field("clip_norm", &self.clip_norm)
-            .field("noise_multiplier", &self.noise_multiplier)
-            .field("dim", &self.dim)
-            .field("units_per_clip", &self.units_per_clip)
-            .field("variance", &self.sampler.variance())
-            .finish_non_exhaustive()
+        debug_noise(
+            f,
+            "GaussianNoise",
+            &[
+                ("clip_norm", &self.clip_norm),
+                ("noise_multiplier", &self.noise_multiplier),
+                ("dim", &self.dim),
+                ("units_per_clip", &self.units_per_clip),
+            ],
+            &self.sampler,
+        )
     }
 }
 
@@ -114,8 +148,7 @@ impl GaussianNoise {
     /// Noise for sums of `dim`-dimensional gradients clipped to L2 norm `clip_norm`, with noise
     /// multiplier `noise_multiplier`, from a ChaCha20 stream seeded by the operating system.
     pub fn new(clip_norm: f64, noise_multiplier: f64, dim: usize) -> Result<Self, PrivacyError> {
-        let rng = ChaCha20Rng::try_from_os_rng().map_err(|e| PrivacyError::Randomness(e.to_string()))?;
-        Self::with_rng(clip_norm, noise_multiplier, dim, rng)
+        Self::with_rng(clip_norm, noise_multiplier, dim, os_rng()?)
     }
 
     /// Same, with a caller-provided ChaCha20 stream (fixed seeds are for tests only).
@@ -126,12 +159,7 @@ impl GaussianNoise {
         rng: ChaCha20Rng,
     ) -> Result<Self, PrivacyError> {
         check("clip_norm", clip_norm, "> 0", clip_norm > 0.0)?;
-        check(
-            "noise_multiplier",
-            noise_multiplier,
-            "in (0, 2^20]",
-            noise_multiplier > 0.0 && noise_multiplier <= (1u64 << 20) as f64,
-        )?;
+        check_noise_multiplier(noise_multiplier)?;
         check("dim", dim as f64, ">= 1", dim >= 1)?;
         let slack = 2.0 * (dim as f64).sqrt();
         // Largest power of two K with σ·(K + 2√d) ≤ 2^24.
@@ -386,6 +414,20 @@ mod tests {
 
     fn rng(seed: u64) -> ChaCha20Rng {
         ChaCha20Rng::seed_from_u64(seed)
+    }
+
+    #[test]
+    fn debug_shows_the_parameters_and_the_variance_but_not_the_random_stream() {
+        let g = GaussianNoise::with_rng(1.0, 1.0, 4, rng(1)).unwrap();
+        assert_eq!(
+            format!("{g:?}"),
+            format!(
+                "GaussianNoise {{ clip_norm: 1.0, noise_multiplier: 1.0, dim: 4, units_per_clip: {:?}, \
+                 variance: {}, .. }}",
+                g.units_per_clip,
+                g.sampler.variance()
+            )
+        );
     }
 
     #[test]
