@@ -65,6 +65,27 @@ pub fn set_condition(
     message: impl Into<String>,
     observed_generation: Option<i64>,
 ) -> bool {
+    set_condition_at(
+        conditions,
+        type_,
+        status,
+        reason,
+        message,
+        observed_generation,
+        Timestamp::now(),
+    )
+}
+
+/// [`set_condition`] with the transition time given (for pure code that is handed the clock).
+pub fn set_condition_at(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: impl Into<String>,
+    observed_generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
     let message = message.into();
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
@@ -73,7 +94,7 @@ pub fn set_condition(
                 || c.message != message
                 || c.observed_generation != observed_generation;
             if c.status != status {
-                c.last_transition_time = Time(Timestamp::now());
+                c.last_transition_time = Time(now);
             }
             c.status = status.to_string();
             c.reason = reason.to_string();
@@ -88,7 +109,7 @@ pub fn set_condition(
                 reason: reason.to_string(),
                 message,
                 observed_generation,
-                last_transition_time: Time(Timestamp::now()),
+                last_transition_time: Time(now),
             });
             true
         }

@@ -1,0 +1,317 @@
+//! Carries out the machine's [`Action`]s against the API server, in order: Jobs, Secrets, the
+//! durable ledgers, the status (server-side apply under the operator's field manager), events and
+//! metrics.
+
+use std::time::Duration;
+
+use caduceus_crds::study::SecureAggregationMode;
+use caduceus_crds::{TrainingRound, TrainingRoundStatus};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::machine::{Action, Observations, RoundResults, RoundState, Settlement};
+use super::observe::World;
+use crate::context::{Context, Error, Result};
+use crate::secrets::{self, StudyTrust};
+use crate::{build, ledger, names};
+
+/// The study's secrets, made once per reconcile when an action first needs them.
+struct StudySecrets {
+    trust: StudyTrust,
+    /// The TFHE key and its fingerprint, with TFHE.
+    key: Option<(Vec<u8>, String)>,
+}
+
+/// Applies actions for one round within one reconcile.
+pub struct Applier<'a> {
+    ctx: &'a Context,
+    round: &'a TrainingRound,
+    world: &'a World,
+    secrets: Option<StudySecrets>,
+}
+
+fn missing(what: &str) -> Error {
+    Error::Other(format!(
+        "the round machine asked for an action that needs {what}, which was not observed"
+    ))
+}
+
+impl<'a> Applier<'a> {
+    pub fn new(ctx: &'a Context, round: &'a TrainingRound, world: &'a World) -> Self {
+        Self {
+            ctx,
+            round,
+            world,
+            secrets: None,
+        }
+    }
+
+    fn ns(&self) -> String {
+        self.round.namespace().unwrap_or_default()
+    }
+
+    /// Applies `actions` (the step that produced `state`); the ledgers' answer to a settlement goes
+    /// into `obs`. Returns the requeue the step asked for.
+    ///
+    /// # Errors
+    /// The first action that fails (an API error, a ledger that refuses a start); the ones after it
+    /// are not applied, and the next reconcile steps again from what was written.
+    pub async fn apply(
+        &mut self,
+        state: &RoundState,
+        obs: &mut Observations,
+        actions: Vec<Action>,
+    ) -> Result<Option<Duration>> {
+        let mut requeue = None;
+        for action in actions {
+            match action {
+                Action::EnsureStudySecrets => {
+                    self.study_secrets().await?;
+                }
+                Action::CreateAggregatorJob => self.create_aggregator().await?,
+                Action::DeleteAggregatorJob => {
+                    let jobs: Api<Job> = Api::namespaced(self.ctx.client.clone(), &self.ns());
+                    delete_job(&jobs, &names::aggregator_job(&self.round.name_any())).await?;
+                }
+                Action::CreateTrainerJob(i) => self.create_trainer(i).await?,
+                Action::MarkStarted(i) => {
+                    let (hns, hname) = self.participant(i);
+                    ledger::mark_started(
+                        &self.ctx.client,
+                        &self.ctx.settings.operator_namespace,
+                        hns,
+                        hname,
+                        &super::ledger_key(self.round),
+                        self.round.spec.privacy.is_some(),
+                    )
+                    .await?;
+                }
+                Action::ResumeTrainerJob(i) => {
+                    let (hns, hname) = self.participant(i);
+                    Api::<Job>::namespaced(self.ctx.client.clone(), hns)
+                        .patch(
+                            &self.trainer_job(hname),
+                            &PatchParams::default(),
+                            &Patch::Merge(&json!({"spec": {"suspend": false}})),
+                        )
+                        .await?;
+                }
+                Action::DeleteTrainerJob(i) => {
+                    let (hns, hname) = self.participant(i);
+                    let jobs: Api<Job> = Api::namespaced(self.ctx.client.clone(), hns);
+                    delete_job(&jobs, &self.trainer_job(hname)).await?;
+                }
+                Action::Settle => obs.settled = Some(self.settle().await?),
+                Action::WriteStatus => write_status(self.ctx, self.round, &state.status).await?,
+                Action::Event {
+                    warning,
+                    reason,
+                    action,
+                    message,
+                } => {
+                    self.ctx
+                        .event(self.round, warning, &reason, action, message)
+                        .await
+                }
+                Action::CountRound(outcome) => {
+                    self.ctx
+                        .metrics
+                        .rounds
+                        .with_label_values(&[&self.ns(), &self.round.spec.study, outcome])
+                        .inc();
+                }
+                Action::RecordResults(r) => self.record_results(&r),
+                Action::Requeue(d) => requeue = Some(d),
+            }
+        }
+        Ok(requeue)
+    }
+
+    fn participant(&self, i: usize) -> (&'a str, &'a str) {
+        let r = &self.round.spec.participants[i];
+        r.split_once('/').unwrap_or(("", r.as_str()))
+    }
+
+    fn trainer_job(&self, hospital: &str) -> String {
+        names::trainer_job(&self.ns(), &self.round.name_any(), hospital)
+    }
+
+    async fn study_secrets(&mut self) -> Result<&StudySecrets> {
+        if self.secrets.is_none() {
+            let study = self.world.study.as_ref().ok_or_else(|| missing("the study"))?;
+            let client = &self.ctx.client;
+            let operator_ns = &self.ctx.settings.operator_namespace;
+            let trust = secrets::ensure_ca(client, operator_ns, study).await?;
+            secrets::ensure_aggregator_tls(client, study, &trust).await?;
+            let key = if study.spec.secure_aggregation.mode == SecureAggregationMode::Tfhe {
+                Some(secrets::ensure_master_key(client, operator_ns, study).await?)
+            } else {
+                None
+            };
+            self.secrets = Some(StudySecrets { trust, key });
+        }
+        Ok(self.secrets.as_ref().expect("set above"))
+    }
+
+    /// The aggregator admits every participant of the round: one whose `HospitalClient` disappeared
+    /// simply does not report, and the quorum stays what the round says.
+    async fn create_aggregator(&mut self) -> Result<()> {
+        let (ctx, round, world) = (self.ctx, self.round, self.world);
+        let study = world.study.as_ref().ok_or_else(|| missing("the study"))?;
+        let ep = world.endpoint.as_ref().ok_or_else(|| missing("the endpoint"))?;
+        let ids: Vec<String> = round
+            .spec
+            .participants
+            .iter()
+            .map(|r| {
+                let (hns, hname) = r.split_once('/').unwrap_or(("", r));
+                names::hospital_id(hns, hname)
+            })
+            .collect();
+        let fingerprint = self.study_secrets().await?.key.as_ref().map(|(_, fp)| fp.clone());
+        let want = build::aggregator_job(
+            study,
+            round,
+            &ctx.settings,
+            ep,
+            &ids,
+            fingerprint.as_deref(),
+            Some(&super::traceparent(round, "aggregator")),
+        );
+        create_job(&Api::namespaced(ctx.client.clone(), &self.ns()), &want).await
+    }
+
+    async fn create_trainer(&mut self, i: usize) -> Result<()> {
+        let (ctx, round, world) = (self.ctx, self.round, self.world);
+        let study = world.study.as_ref().ok_or_else(|| missing("the study"))?;
+        let ep = world.endpoint.as_ref().ok_or_else(|| missing("the endpoint"))?;
+        let h = world.hospitals[i]
+            .as_ref()
+            .ok_or_else(|| missing("the HospitalClient"))?;
+        let (hns, hname) = self.participant(i);
+        let s = self.study_secrets().await?;
+        secrets::ensure_hospital_tls(&ctx.client, study, &s.trust, hns, hname).await?;
+        if let Some((bytes, _)) = &s.key {
+            secrets::ensure_hospital_key(&ctx.client, study, hns, hname, bytes).await?;
+        }
+        secrets::ensure_trainer_service_account(&ctx.client, hns).await?;
+        let want = build::trainer_job(
+            study,
+            round,
+            h,
+            &ctx.settings,
+            ep,
+            round.spec.privacy.as_ref(),
+            Some(&super::traceparent(round, &round.spec.participants[i])),
+        );
+        create_job(&Api::namespaced(ctx.client.clone(), hns), &want).await
+    }
+
+    /// Settles every participant's ledger for the round; ε after it per participant (DP only).
+    async fn settle(&self) -> Result<Settlement> {
+        let ctx = self.ctx;
+        let key = super::ledger_key(self.round);
+        let dp = self.round.spec.privacy.is_some();
+        let mut settlement = Settlement::default();
+        for (i, r) in self.round.spec.participants.iter().enumerate() {
+            let (hns, hname) = self.participant(i);
+            let delta = self.world.hospitals[i]
+                .as_ref()
+                .map_or(1e-5, |h| h.spec.privacy_budget.delta);
+            let eps = ledger::settle(
+                &ctx.client,
+                &ctx.settings.operator_namespace,
+                hns,
+                hname,
+                &key,
+                dp,
+                delta,
+            )
+            .await?;
+            if dp && let Some(eps) = eps {
+                let eps = (eps * 1e6).round() / 1e6;
+                settlement.epsilon_spent.insert(r.clone(), eps);
+                ctx.metrics
+                    .epsilon_spent
+                    .with_label_values(&[hns, hname])
+                    .set(eps);
+            }
+        }
+        Ok(settlement)
+    }
+
+    fn record_results(&self, r: &RoundResults) {
+        let m = &self.ctx.metrics;
+        let (ns, study) = (self.ns(), self.round.spec.study.clone());
+        let labels = [ns.as_str(), study.as_str()];
+        #[allow(clippy::cast_precision_loss)] // a count of hospitals
+        m.participants
+            .with_label_values(&labels)
+            .set(r.participants as f64);
+        if let Some(a) = r.accuracy {
+            m.accuracy.with_label_values(&labels).set(a);
+        }
+        if let Some(a) = r.worst_group_accuracy {
+            m.worst_group_accuracy.with_label_values(&labels).set(a);
+        }
+        for (metric, threshold, gap) in [
+            (
+                "demographic_parity_difference",
+                r.max_demographic_parity_difference,
+                r.demographic_parity_difference,
+            ),
+            (
+                "equalized_odds_difference",
+                r.max_equalized_odds_difference,
+                r.equalized_odds_difference,
+            ),
+        ] {
+            m.fairness_threshold
+                .with_label_values(&[&ns, &study, metric])
+                .set(threshold);
+            if let Some(g) = gap {
+                m.fairness_gap.with_label_values(&[&ns, &study, metric]).set(g);
+            }
+        }
+    }
+}
+
+/// Creates a Job; one that exists already (a retried reconcile) is left as it is.
+async fn create_job(jobs: &Api<Job>, want: &Job) -> Result<()> {
+    let pp = PostParams {
+        field_manager: Some(crate::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match jobs.create(&pp, want).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes a Job and its pods; one that is gone already is fine.
+async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<()> {
+    match jobs.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_status(ctx: &Context, round: &TrainingRound, status: &TrainingRoundStatus) -> Result<()> {
+    let api: Api<TrainingRound> = Api::namespaced(ctx.client.clone(), &round.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": TrainingRound::api_version(&()),
+        "kind": TrainingRound::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &round.name_any(),
+        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
