@@ -8,6 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
 
 use crate::error::Result;
+use crate::tap::{LayerInput, Tap};
 
 /// A network architecture, selected by name in the study spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,16 +162,25 @@ pub enum Mode {
     Train,
     /// Weights are detached: no graph is kept (evaluation, prediction).
     Eval,
-    /// DP-SGD (crate::dpsgd): weights are detached, and every parameterised layer records its
-    /// input and taps its output on the active DP tape, so that one backward pass yields the
-    /// per-example gradients of every layer. Only inside `dpsgd`'s tape.
+    /// Per-example gradient taps (the pass DP-SGD runs): weights are detached, and every
+    /// parameterised layer reports its input and output to the pass's tap hook, so that one
+    /// backward pass yields the per-example gradients of every layer. Only through the crate's
+    /// tapped forward (`dpsgd`'s functions): `Model::forward` refuses it.
     Dp,
 }
 
-fn weight(v: &Var, mode: Mode) -> Tensor {
-    match mode {
-        Mode::Train => v.as_tensor().clone(),
-        Mode::Eval | Mode::Dp => v.as_tensor().detach(),
+/// How one forward pass runs through the layers: [`Mode::Train`], [`Mode::Eval`], or a tapped
+/// pass ([`Mode::Dp`]) with the hook its layers report to.
+pub(crate) enum Pass<'a> {
+    Train,
+    Eval,
+    Tapped(&'a mut dyn Tap),
+}
+
+fn weight(v: &Var, pass: &Pass<'_>) -> Tensor {
+    match pass {
+        Pass::Train => v.as_tensor().clone(),
+        Pass::Eval | Pass::Tapped(_) => v.as_tensor().detach(),
     }
 }
 
@@ -183,11 +193,11 @@ pub(crate) struct Conv {
 }
 
 impl Conv {
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        if mode == Mode::Dp {
-            return self.forward_dp(x);
+    fn forward(&self, x: &Tensor, pass: &mut Pass<'_>) -> Result<Tensor> {
+        if let Pass::Tapped(tap) = pass {
+            return self.forward_tapped(x, &mut **tap);
         }
-        let (w, b) = (weight(&self.w, mode), weight(&self.b, mode));
+        let (w, b) = (weight(&self.w, pass), weight(&self.b, pass));
         let c = self.b.dim(0)?;
         if self.groups > 1 && self.groups == x.dim(1)? {
             let y = crate::depthwise::depthwise_conv(x, &w, self.stride, self.padding)?;
@@ -200,9 +210,9 @@ impl Conv {
         }
     }
 
-    /// The DP forward: im2col (or the depthwise kernel) whatever `set_conv_impl` says, with the
-    /// layer's input recorded and its output tapped.
-    fn forward_dp(&self, x: &Tensor) -> Result<Tensor> {
+    /// The tapped forward: im2col (or the depthwise kernel) whatever `set_conv_impl` says, with
+    /// the layer's input recorded and its output handed to `tap`.
+    fn forward_tapped(&self, x: &Tensor, tap: &mut dyn Tap) -> Result<Tensor> {
         let w = self.w.as_tensor().detach();
         let c = self.b.dim(0)?;
         let b = self.b.as_tensor().detach();
@@ -210,17 +220,17 @@ impl Conv {
         if self.groups > 1 && self.groups == x.dim(1)? {
             let y = crate::depthwise::depthwise_conv(x, &w, self.stride, self.padding)?
                 .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
-            let input = crate::dpsgd::LayerInput::Depthwise {
+            let input = LayerInput::Depthwise {
                 x: x.detach(),
                 k,
                 stride: self.stride,
                 padding: self.padding,
             };
-            crate::dpsgd::tap(y, input, &self.w, &self.b)
+            tap.tap(y, input, &self.w, &self.b)
         } else if self.groups == 1 {
             let y = crate::conv::conv2d(x, &w, &b, self.stride, self.padding)?;
             let cols = crate::conv::im2col(x, k, k, self.stride, self.padding)?;
-            crate::dpsgd::tap(y, crate::dpsgd::LayerInput::Conv { cols }, &self.w, &self.b)
+            tap.tap(y, LayerInput::Conv { cols }, &self.w, &self.b)
         } else {
             Err(crate::error::ModelError::Config(format!(
                 "DP-SGD does not support grouped convolutions with {} groups",
@@ -236,16 +246,11 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = x.matmul(&weight(&self.w, mode).t()?)?;
-        let y = y.broadcast_add(&weight(&self.b, mode))?;
-        if mode == Mode::Dp {
-            return crate::dpsgd::tap(
-                y,
-                crate::dpsgd::LayerInput::Linear { x: x.detach() },
-                &self.w,
-                &self.b,
-            );
+    fn forward(&self, x: &Tensor, pass: &mut Pass<'_>) -> Result<Tensor> {
+        let y = x.matmul(&weight(&self.w, pass).t()?)?;
+        let y = y.broadcast_add(&weight(&self.b, pass))?;
+        if let Pass::Tapped(tap) = pass {
+            return tap.tap(y, LayerInput::Linear { x: x.detach() }, &self.w, &self.b);
         }
         Ok(y)
     }
@@ -260,21 +265,21 @@ pub(crate) struct GroupNorm {
 }
 
 impl GroupNorm {
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.forward_relu(x, mode, false)
+    fn forward(&self, x: &Tensor, pass: &mut Pass<'_>) -> Result<Tensor> {
+        self.forward_relu(x, pass, false)
     }
 
-    /// GroupNorm, followed by a ReLU in the same kernel when `relu` (except under DP-SGD, whose
-    /// tap must see the affine output: the ReLU is a separate op there).
-    fn forward_relu(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
-        let (gamma, beta) = (weight(&self.gamma, mode), weight(&self.beta, mode));
-        let fused = relu && mode != Mode::Dp;
+    /// GroupNorm, followed by a ReLU in the same kernel when `relu` (except in a tapped pass,
+    /// whose tap must see the affine output: the ReLU is a separate op there).
+    fn forward_relu(&self, x: &Tensor, pass: &mut Pass<'_>, relu: bool) -> Result<Tensor> {
+        let (gamma, beta) = (weight(&self.gamma, pass), weight(&self.beta, pass));
+        let fused = relu && !matches!(pass, Pass::Tapped(_));
         let y = crate::ops::group_norm(x, &gamma, &beta, self.groups, GN_EPS, fused)?;
-        if mode == Mode::Dp {
-            let input = crate::dpsgd::LayerInput::GroupNorm {
+        if let Pass::Tapped(tap) = pass {
+            let input = LayerInput::GroupNorm {
                 normed: crate::ops::group_normalize(x, self.groups, GN_EPS)?,
             };
-            let y = crate::dpsgd::tap(y, input, &self.gamma, &self.beta)?;
+            let y = tap.tap(y, input, &self.gamma, &self.beta)?;
             return if relu { crate::ops::relu(&y) } else { Ok(y) };
         }
         Ok(y)
@@ -312,11 +317,11 @@ impl BasicBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = self.gn1.forward_relu(&self.conv1.forward(x, mode)?, mode, true)?;
-        let y = self.gn2.forward(&self.conv2.forward(&y, mode)?, mode)?;
+    fn forward(&self, x: &Tensor, pass: &mut Pass<'_>) -> Result<Tensor> {
+        let y = self.gn1.forward_relu(&self.conv1.forward(x, pass)?, pass, true)?;
+        let y = self.gn2.forward(&self.conv2.forward(&y, pass)?, pass)?;
         let skip = match &self.shortcut {
-            Some((conv, gn)) => gn.forward(&conv.forward(x, mode)?, mode)?,
+            Some((conv, gn)) => gn.forward(&conv.forward(x, pass)?, pass)?,
             None => x.clone(),
         };
         crate::ops::add_relu(&y, &skip)
@@ -346,8 +351,8 @@ impl ConvGn {
         })
     }
 
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.gn.forward_relu(&self.conv.forward(x, mode)?, mode, true)
+    fn forward(&self, x: &Tensor, pass: &mut Pass<'_>) -> Result<Tensor> {
+        self.gn.forward_relu(&self.conv.forward(x, pass)?, pass, true)
     }
 }
 
@@ -414,31 +419,31 @@ impl Layers {
     }
 
     /// Logits `(batch, classes)` for images `(batch, 3, 64, 64)`.
-    pub(crate) fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, pass: &mut Pass<'_>) -> Result<Tensor> {
         match self {
             Layers::SmallCnn { convs, fc1, fc2 } => {
                 let mut y = x.clone();
                 for conv in convs {
                     // ReLU after the pool: the same function as pool(ReLU(x)) (both are
                     // monotone), on a quarter of the values.
-                    y = crate::ops::relu(&crate::ops::max_pool2x2(&conv.forward(&y, mode)?)?)?;
+                    y = crate::ops::relu(&crate::ops::max_pool2x2(&conv.forward(&y, pass)?)?)?;
                 }
-                let y = crate::ops::relu(&fc1.forward(&y.flatten_from(1)?, mode)?)?;
-                fc2.forward(&y, mode)
+                let y = crate::ops::relu(&fc1.forward(&y.flatten_from(1)?, pass)?)?;
+                fc2.forward(&y, pass)
             }
             Layers::ResNet { stem, blocks, fc } => {
-                let mut y = stem.forward(x, mode)?;
+                let mut y = stem.forward(x, pass)?;
                 for block in blocks {
-                    y = block.forward(&y, mode)?;
+                    y = block.forward(&y, pass)?;
                 }
-                fc.forward(&y.flatten_from(2)?.mean(2)?, mode)
+                fc.forward(&y.flatten_from(2)?.mean(2)?, pass)
             }
             Layers::MobileNet { stem, blocks, fc } => {
-                let mut y = stem.forward(x, mode)?;
+                let mut y = stem.forward(x, pass)?;
                 for (dw, pw) in blocks {
-                    y = pw.forward(&dw.forward(&y, mode)?, mode)?;
+                    y = pw.forward(&dw.forward(&y, pass)?, pass)?;
                 }
-                fc.forward(&y.flatten_from(2)?.mean(2)?, mode)
+                fc.forward(&y.flatten_from(2)?.mean(2)?, pass)
             }
         }
     }

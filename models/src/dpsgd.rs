@@ -3,10 +3,11 @@
 //! Poisson sampling with rate q, normalisation by the expected batch size q·N (as Opacus does).
 //!
 //! # Per-example gradients without per-example backward passes
-//! One forward pass in [`Mode::Dp`] records, for every parameterised layer, its input (for a
-//! convolution: the im2col matrix `cols` the forward builds anyway; for GroupNorm: the normalised
-//! activations x̂) and *taps* its output: a pass-through op whose backward keeps the gradient of
-//! the output. Weights are detached in this mode, so the single backward pass of `Σᵢ lossᵢ`
+//! One forward pass in [`Mode::Dp`](crate::Mode::Dp) hands DP-SGD's tap hook (the layers' `Tap`
+//! trait, `tap.rs`), for every parameterised layer, its input (for a convolution: the im2col
+//! matrix `cols` the forward builds anyway; for GroupNorm: the normalised activations x̂) and its
+//! output, which the hook *taps*: a pass-through op whose backward keeps the gradient of the
+//! output. Weights are detached in this mode, so the single backward pass of `Σᵢ lossᵢ`
 //! computes only activation gradients; the per-example parameter gradients are then formed from
 //! (input, output gradient) pairs, as Opacus does for linear and conv layers:
 //! - linear `y = x·Wᵀ + b`: `∂W_i = g_i·x_iᵀ` is never materialised: `‖∂W_i‖² = ‖g_i‖²·‖x_i‖²`
@@ -15,7 +16,7 @@
 //! - convolution `Y = W·cols`: `∂W_i = G_i·cols_iᵀ` by one batched GEMM (B, O, C·k·k); bias: the
 //!   spatial sum of `G_i`;
 //! - depthwise convolution: the per-(example, channel) kernel sums of the backward kernel, not
-//!   reduced over examples ([`crate::depthwise`]);
+//!   reduced over examples (`depthwise.rs`);
 //! - GroupNorm affine: `∂γ_i = Σ_hw x̂·g`, `∂β_i = Σ_hw g`.
 //!
 //! The per-example norm is the root of the sum of these squared norms over all parameters, the
@@ -30,7 +31,6 @@
 //! exact discrete Gaussian noise is added from a ChaCha20 stream seeded by the operating system
 //! (no floating-point sampling, see the privacy crate). Poisson sampling also draws from an
 //! OS-seeded ChaCha20 stream, never from the training seed.
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -43,9 +43,10 @@ use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::arch::Mode;
 use crate::error::{ModelError, Result};
 use crate::model::Model;
+pub use crate::spend::{ClipStats, DpSpend};
+use crate::tap::{LayerInput, Tap};
 use crate::train::{
     ClientStrategy, OptState, TrainConfig, TrainOutcome, batch_tensors, check_data, write_params,
 };
@@ -83,72 +84,6 @@ impl DpConfig {
     }
 }
 
-/// What a DP-SGD run spent: the parameters of the subsampled Gaussian mechanism, as the privacy
-/// accountant needs them (and as the trainer reports them in `PrivacySpend`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct DpSpend {
-    /// σ as requested (the noise actually added is at least σ·C, see `noise_std`).
-    pub noise_multiplier: f64,
-    pub sample_rate: f64,
-    /// Noisy steps actually taken (each one a release of the mechanism).
-    pub steps: usize,
-    pub clip_norm: f64,
-    /// Standard deviation of the noise added to the sum (≥ σ·C because of the lattice).
-    pub noise_std: f64,
-    /// Mean Poisson batch size over the steps taken.
-    pub mean_batch: f64,
-    /// How the clip norm compared with the unclipped per-example gradient norms. Not private
-    /// (computed from the examples without noise): for the hospital's own summary and logs, never
-    /// sent to the aggregator.
-    pub clipping: ClipStats,
-}
-
-/// Unclipped per-example gradient norms of a DP-SGD run against its clip norm C: what to look at
-/// when choosing C (`docs/privacy.md`, "Choosing C, the batch and the learning rate").
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-pub struct ClipStats {
-    /// Fraction of the per-example gradients (over all steps) whose norm exceeded C.
-    pub clipped_fraction: f64,
-    /// 10th, 50th and 90th percentile of the unclipped norms (nearest rank); 0 with no examples.
-    pub norm_p10: f64,
-    pub norm_median: f64,
-    pub norm_p90: f64,
-}
-
-impl ClipStats {
-    /// From the unclipped norms and the clip factors `min(1, C/‖g‖)` of every example.
-    pub fn from_norms(norms: &mut [f64], clipped: usize) -> ClipStats {
-        if norms.is_empty() {
-            return ClipStats::default();
-        }
-        norms.sort_by(f64::total_cmp);
-        let at = |q: f64| norms[((norms.len() - 1) as f64 * q).round() as usize];
-        ClipStats {
-            clipped_fraction: clipped as f64 / norms.len() as f64,
-            norm_p10: at(0.1),
-            norm_median: at(0.5),
-            norm_p90: at(0.9),
-        }
-    }
-}
-
-/// What a layer's DP forward recorded about its input.
-pub(crate) enum LayerInput {
-    /// `x (B, D_in)`.
-    Linear { x: Tensor },
-    /// The per-example im2col matrices `(B, C·k·k, Ho·Wo)`.
-    Conv { cols: Tensor },
-    /// `x (B, C, H, W)` and the kernel geometry.
-    Depthwise {
-        x: Tensor,
-        k: usize,
-        stride: usize,
-        padding: usize,
-    },
-    /// `x̂ (B, C, H, W)`, the normalised input before the affine map.
-    GroupNorm { normed: Tensor },
-}
-
 enum GradSlot {
     /// The output did not depend on anything tracked (first layer): it became a variable.
     Var(Var),
@@ -164,28 +99,11 @@ struct Record {
     bias: TensorId,
 }
 
-thread_local! {
-    static TAPE: RefCell<Option<Vec<Record>>> = const { RefCell::new(None) };
-}
-
-/// Clears the tape on drop (also on error paths).
-struct TapeGuard;
-
-impl TapeGuard {
-    fn start() -> Self {
-        TAPE.with(|t| *t.borrow_mut() = Some(Vec::new()));
-        TapeGuard
-    }
-
-    fn take(&self) -> Vec<Record> {
-        TAPE.with(|t| t.borrow_mut().take().unwrap_or_default())
-    }
-}
-
-impl Drop for TapeGuard {
-    fn drop(&mut self) {
-        TAPE.with(|t| *t.borrow_mut() = None);
-    }
+/// DP-SGD's [`Tap`]: records every parameterised layer of one tapped forward pass and taps its
+/// output.
+#[derive(Default)]
+struct Tape {
+    records: Vec<Record>,
 }
 
 /// Pass-through op that keeps the gradient of its output.
@@ -212,33 +130,27 @@ impl CustomOp1 for TapOp {
     }
 }
 
-/// Records a parameterised layer (weight `w`, bias `b`) whose output is `y` on the DP tape and
-/// returns the tapped output.
-pub(crate) fn tap(y: Tensor, input: LayerInput, w: &Var, b: &Var) -> Result<Tensor> {
-    let y = y.contiguous()?;
-    let (out, slot) = if y.track_op() {
-        let cell = Arc::new(Mutex::new(None));
-        (y.apply_op1(TapOp { cell: cell.clone() })?, GradSlot::Cell(cell))
-    } else {
-        let v = Var::from_tensor(&y)?;
-        (v.as_tensor().clone(), GradSlot::Var(v))
-    };
-    let record = Record {
-        input,
-        out: slot,
-        out_shape: y.dims().to_vec(),
-        weight: w.as_tensor().id(),
-        bias: b.as_tensor().id(),
-    };
-    TAPE.with(|t| match t.borrow_mut().as_mut() {
-        Some(records) => {
-            records.push(record);
-            Ok(out)
-        }
-        None => Err(ModelError::Config(
-            "a Mode::Dp forward pass outside DP-SGD's tape (use dpsgd functions)".into(),
-        )),
-    })
+impl Tap for Tape {
+    /// Records a parameterised layer (weight `w`, bias `b`) whose output is `y` and returns the
+    /// tapped output.
+    fn tap(&mut self, y: Tensor, input: LayerInput, w: &Var, b: &Var) -> Result<Tensor> {
+        let y = y.contiguous()?;
+        let (out, slot) = if y.track_op() {
+            let cell = Arc::new(Mutex::new(None));
+            (y.apply_op1(TapOp { cell: cell.clone() })?, GradSlot::Cell(cell))
+        } else {
+            let v = Var::from_tensor(&y)?;
+            (v.as_tensor().clone(), GradSlot::Var(v))
+        };
+        self.records.push(Record {
+            input,
+            out: slot,
+            out_shape: y.dims().to_vec(),
+            weight: w.as_tensor().id(),
+            bias: b.as_tensor().id(),
+        });
+        Ok(out)
+    }
 }
 
 /// Per-example gradient of one parameter.
@@ -369,10 +281,9 @@ pub fn clipped_gradient_sum(model: &Model, x: &Tensor, y: &Tensor, clip_norm: f6
             losses: Vec::new(),
         });
     }
-    let guard = TapeGuard::start();
-    let logits = model.forward(x, Mode::Dp)?;
-    let records = guard.take();
-    drop(guard);
+    let mut tape = Tape::default();
+    let logits = model.forward_tapped(x, &mut tape)?;
+    let records = tape.records;
     let log_p = candle_nn::ops::log_softmax(&logits, 1)?;
     let losses = log_p.gather(&y.reshape((batch, 1))?, 1)?.neg()?.reshape(batch)?;
     let loss_values = losses.to_vec1::<f32>()?;

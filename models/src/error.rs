@@ -1,3 +1,4 @@
+//! The crate's error type ([`ModelError`]) and [`Result`] alias.
 use std::path::PathBuf;
 
 /// Errors of this crate; each says what is wrong with which input.

@@ -36,15 +36,18 @@ pub mod dpsgd;
 mod error;
 mod model;
 pub mod ops;
+mod spend;
+mod tap;
 mod train;
 
 pub use alloc::keep_freed_memory;
 pub use arch::{Arch, Mode, ParamSpec};
 pub use conv::{ConvImpl, conv_impl, conv2d, set_conv_impl};
 pub use depthwise::depthwise_conv;
-pub use dpsgd::{ClipStats, DpConfig, DpSpend, train_local_dp};
+pub use dpsgd::{DpConfig, train_local_dp};
 pub use error::{ModelError, Result};
 pub use model::{META_ARCH, META_CLASSES, META_FORMAT, Model};
+pub use spend::{ClipStats, DpSpend};
 pub use train::{
     ClientStrategy, ControlUpdate, Evaluation, Optimizer, TrainConfig, TrainOutcome, accuracy, evaluate,
     predict, scaffold_control, train_local,

@@ -5,8 +5,9 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::arch::{Arch, Builder, Layers, Mode, ParamSpec};
+use crate::arch::{Arch, Builder, Layers, Mode, ParamSpec, Pass};
 use crate::error::{ModelError, Result};
+use crate::tap::Tap;
 
 /// Safetensors metadata key for the architecture name.
 pub const META_ARCH: &str = "caduceus.arch";
@@ -127,9 +128,22 @@ impl Model {
         Ok(())
     }
 
-    /// Logits `(batch, classes)` for a batch `(batch, 3, 64, 64)`.
+    /// Logits `(batch, classes)` for a batch `(batch, 3, 64, 64)`. [`Mode::Dp`] is refused here:
+    /// a tapped pass needs a hook (DP-SGD's functions run it).
     pub fn forward(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.net.forward(images, mode)
+        match mode {
+            Mode::Train => self.net.forward(images, &mut Pass::Train),
+            Mode::Eval => self.net.forward(images, &mut Pass::Eval),
+            Mode::Dp => Err(ModelError::Config(
+                "a Mode::Dp forward pass outside DP-SGD's tape (use dpsgd functions)".into(),
+            )),
+        }
+    }
+
+    /// Logits of a tapped forward pass ([`Mode::Dp`]): every parameterised layer reports to
+    /// `tap`, once, in forward order.
+    pub(crate) fn forward_tapped(&self, images: &Tensor, tap: &mut dyn Tap) -> Result<Tensor> {
+        self.net.forward(images, &mut Pass::Tapped(tap))
     }
 
     /// Serialises the parameters as safetensors (f32, names from [`Model::param_specs`]) with the
@@ -372,5 +386,71 @@ mod tests {
             let y = m.forward(&x, Mode::Eval).unwrap();
             assert_eq!(y.dims(), &[2, 3], "{arch}");
         }
+    }
+
+    /// A hook that records which layer reported what and passes the output through unchanged.
+    #[derive(Default)]
+    struct Recorder {
+        params: Vec<candle_core::TensorId>,
+        inputs: Vec<&'static str>,
+    }
+
+    impl Tap for Recorder {
+        fn tap(&mut self, y: Tensor, input: crate::tap::LayerInput, w: &Var, b: &Var) -> Result<Tensor> {
+            use crate::tap::LayerInput;
+            self.inputs.push(match input {
+                LayerInput::Linear { .. } => "linear",
+                LayerInput::Conv { .. } => "conv",
+                LayerInput::Depthwise { .. } => "depthwise",
+                LayerInput::GroupNorm { .. } => "group-norm",
+            });
+            self.params.extend([w.as_tensor().id(), b.as_tensor().id()]);
+            Ok(y)
+        }
+    }
+
+    #[test]
+    fn a_tapped_pass_reports_every_parameter_once_in_order_and_computes_the_same_logits() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(
+            (0..3 * 3 * 64 * 64)
+                .map(|i: u32| (u8::try_from(i * 37 % 101).map(f32::from).unwrap() - 50.0) / 25.0)
+                .collect(),
+            (3, 3, 64, 64),
+            &dev,
+        )
+        .unwrap();
+        for arch in Arch::ALL {
+            let m = Model::build(arch, 2, 4).unwrap();
+            let mut rec = Recorder::default();
+            let tapped = m.forward_tapped(&x, &mut rec).unwrap();
+            let ids: Vec<_> = m.vars().iter().map(|v| v.as_tensor().id()).collect();
+            assert_eq!(
+                rec.params, ids,
+                "{arch}: every parameter once, in the documented order"
+            );
+            match arch {
+                Arch::SmallCnn => assert_eq!(rec.inputs, ["conv", "conv", "conv", "linear", "linear"]),
+                Arch::ResNet8 => assert_eq!(rec.inputs.iter().filter(|&&k| k == "conv").count(), 9),
+                Arch::MobileNet => assert_eq!(rec.inputs.iter().filter(|&&k| k == "depthwise").count(), 5),
+            }
+            // The same function as an evaluation pass, bit for bit (the GroupNorm + ReLU fusion
+            // of the untapped pass rounds the same way as the separate ReLU of the tapped one).
+            let eval = m.forward(&x, Mode::Eval).unwrap();
+            assert_eq!(
+                tapped.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                eval.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{arch}"
+            );
+            // Weights are detached: nothing of the graph reaches a parameter.
+            assert!(
+                !tapped.track_op(),
+                "{arch}: a tapped pass must not track the weights"
+            );
+        }
+        // Without a hook, Mode::Dp is refused.
+        let m = Model::build(Arch::ResNet8, 2, 0).unwrap();
+        let err = m.forward(&x, Mode::Dp).unwrap_err().to_string();
+        assert!(err.contains("Mode::Dp"), "{err}");
     }
 }

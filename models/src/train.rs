@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::{Arch, Mode};
 use crate::error::{ModelError, Result};
 use crate::model::Model;
+use crate::spend::DpSpend;
 
 /// The optimiser of local training. A fresh optimiser state is used for every call to
 /// [`train_local`] (every round), as is usual in federated learning.
@@ -148,7 +149,7 @@ pub struct TrainOutcome {
     /// Wall time of training.
     pub seconds: f64,
     /// DP-SGD only ([`crate::train_local_dp`]): what the run spent.
-    pub privacy: Option<crate::dpsgd::DpSpend>,
+    pub privacy: Option<DpSpend>,
 }
 
 impl TrainOutcome {
