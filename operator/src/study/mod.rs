@@ -115,15 +115,15 @@ async fn rounds_of(ctx: &Context, study: &FederatedStudy, key: &[u8]) -> Result<
     Ok(v)
 }
 
-/// Sets `Ready=False` with `reason`, publishes a warning when it changed, writes the status.
-async fn not_ready(
+/// Sets `Ready=False` with `reason` and publishes a warning when it changed.
+pub(crate) async fn mark_not_ready(
     ctx: &Context,
     study: &FederatedStudy,
     status: &mut FederatedStudyStatus,
     reason: &str,
     msg: String,
     action: &str,
-) -> Result<()> {
+) {
     if set_condition(
         &mut status.conditions,
         types::READY,
@@ -134,6 +134,18 @@ async fn not_ready(
     ) {
         ctx.event(study, true, reason, action, msg).await;
     }
+}
+
+/// [`mark_not_ready`], then writes the status.
+async fn not_ready(
+    ctx: &Context,
+    study: &FederatedStudy,
+    status: &mut FederatedStudyStatus,
+    reason: &str,
+    msg: String,
+    action: &str,
+) -> Result<()> {
+    mark_not_ready(ctx, study, status, reason, msg, action).await;
     write_status(ctx, study, status).await
 }
 

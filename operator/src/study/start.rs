@@ -125,16 +125,7 @@ pub async fn start_round(
                 ),
             )
         };
-        if set_condition(
-            &mut status.conditions,
-            types::READY,
-            cstatus::FALSE,
-            reason,
-            msg.clone(),
-            generation,
-        ) {
-            ctx.event(study, true, reason, "StartRound", msg).await;
-        }
+        super::mark_not_ready(ctx, study, status, reason, msg, "StartRound").await;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
 
