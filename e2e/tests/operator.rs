@@ -21,7 +21,7 @@ use caduceus_privacy::ledger::PrivacyLedger;
 use caduceus_privacy::{AccountantKind, SubsampledGaussian};
 use common::{
     Q, SIGMA, STEPS, TestNamespace, apply, bin_dir, client, consent, free_port, hospital, http_get,
-    kubeconfig, kubectl, kubectl_ok, make_shards, repo_root, study_yaml, unique, wait_for,
+    install_crds, kubeconfig, kubectl, kubectl_ok, make_shards, study_yaml, unique, wait_for,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -162,21 +162,7 @@ async fn operator_runs_studies_end_to_end() {
     let main = "faces";
     let flaky = "flaky";
     let consents = vec![format!("{}/{main}", sns.name), format!("{}/{flaky}", sns.name)];
-    kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        repo_root().join("crds").to_str().unwrap(),
-    ]);
-    for c in ["federatedstudies", "hospitalclients", "trainingrounds"] {
-        kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            &format!("crd/{c}.fl.caduceus.dev"),
-        ]);
-    }
+    install_crds();
     #[allow(clippy::needless_range_loop)]
     for i in 0..3 {
         let shard = split.join(format!("hospital-{i}"));

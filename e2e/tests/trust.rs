@@ -21,8 +21,8 @@ use std::time::Duration;
 use caduceus_crds::conditions::{ConditionExt, types};
 use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound};
 use common::{
-    TestNamespace, apply, bin_dir, client, consent, consent_hash, hospital, kubeconfig, kubectl, kubectl_ok,
-    repo_root, study_yaml, unique, wait_for,
+    TestNamespace, apply, bin_dir, client, consent, consent_hash, hospital, install_crds, kubeconfig,
+    kubectl, study_yaml, unique, wait_for,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -106,21 +106,7 @@ fn study_only(yaml: &str) -> String {
 async fn the_operator_keeps_its_trust_boundaries() {
     let client = client().await;
     let work = tempfile::tempdir().unwrap();
-    kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        repo_root().join("crds").to_str().unwrap(),
-    ]);
-    for c in ["federatedstudies", "hospitalclients", "trainingrounds"] {
-        kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            &format!("crd/{c}.fl.caduceus.dev"),
-        ]);
-    }
+    install_crds();
     let op_ns = TestNamespace::create(&client, "e2e-trust-op").await;
     let sns = TestNamespace::create(&client, "e2e-trust-s").await;
     let nostart_ns = TestNamespace::create(&client, "e2e-trust-ns").await;

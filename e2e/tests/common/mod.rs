@@ -94,6 +94,25 @@ pub fn kubectl_ok(args: &[&str]) -> String {
 }
 
 /// The state dir of the cluster (where cluster.sh keeps logs and localnode keeps pod dirs).
+/// Applies the CRDs from `crds/` (server-side) and waits until each is established.
+pub fn install_crds() {
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        repo_root().join("crds").to_str().unwrap(),
+    ]);
+    for c in ["federatedstudies", "hospitalclients", "trainingrounds"] {
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            &format!("crd/{c}.fl.caduceus.dev"),
+        ]);
+    }
+}
+
 pub fn cluster_dir() -> PathBuf {
     kubeconfig()
         .parent()
