@@ -194,6 +194,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let study_ctl = Controller::new(studies, watcher::Config::default())
         .owns(rounds.clone(), watcher::Config::default())
+        .watches(hospitals.clone(), watcher::Config::default(), |h| {
+            study::studies_consented_by(&h)
+        })
         .graceful_shutdown_on(stop_on(stop_rx.clone()))
         .run(study::reconcile, study::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));

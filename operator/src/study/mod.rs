@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caduceus_crds::conditions::{ConditionExt, status as cstatus, types};
-use caduceus_crds::{FederatedStudy, FederatedStudyStatus, TrainingRound, set_condition};
+use caduceus_crds::{FederatedStudy, FederatedStudyStatus, HospitalClient, TrainingRound, set_condition};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service, ServiceAccount};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -69,6 +69,21 @@ pub async fn reconcile(study: Arc<FederatedStudy>, ctx: Arc<Context>) -> Result<
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
     })
+}
+
+/// The studies a hospital consents to (`consentedStudies` entries `namespace/name[@hash]`): a change
+/// of the hospital wakes them at once instead of at their next poll.
+pub fn studies_consented_by(h: &HospitalClient) -> Vec<kube::runtime::reflector::ObjectRef<FederatedStudy>> {
+    h.spec
+        .consented_studies
+        .iter()
+        .filter_map(|c| {
+            let study = c.split_once('@').map_or(c.as_str(), |(s, _)| s);
+            let (ns, name) = study.split_once('/')?;
+            (!ns.is_empty() && !name.is_empty())
+                .then(|| kube::runtime::reflector::ObjectRef::new(name).within(ns))
+        })
+        .collect()
 }
 
 pub fn error_policy(_study: Arc<FederatedStudy>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -345,4 +360,33 @@ async fn revoke_departed(
     }
 
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hospital_wakes_the_studies_it_consents_to() {
+        let mut h: HospitalClient = serde_yaml::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../examples/hospital-minimal.yaml"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        h.spec.consented_studies = vec!["s1/faces".into(), "s2/other@0123".into(), "broken".into()];
+        let refs: Vec<(String, Option<String>)> = studies_consented_by(&h)
+            .into_iter()
+            .map(|r| (r.name, r.namespace))
+            .collect();
+        assert_eq!(
+            refs,
+            vec![
+                ("faces".to_string(), Some("s1".to_string())),
+                ("other".to_string(), Some("s2".to_string()))
+            ]
+        );
+    }
 }
