@@ -59,6 +59,8 @@ locals {
         }
         consentedStudies = h.consented_studies
       },
+      length(h.allowed_trainer_images) == 0 ? {} : { allowedTrainerImages = h.allowed_trainer_images },
+      h.allow_non_private_studies ? { allowNonPrivateStudies = true } : {},
       h.trainer == null ? {} : {
         trainer = { for k, v in {
           nodeSelector = h.trainer.node_selector

@@ -220,6 +220,10 @@ variable "hospitals" {
       privacy_budget     epsilon in (0, 1000], delta in (0, 1) (default 1e-5)
       consented_studies  "<namespace>/<study>@<consent hash>" of the FederatedStudies it joins (the hash is
                          the study's status.consentHash; a bare name is accepted but never admitted)
+      allowed_trainer_images  trainer images that may run on its data: digests "sha256:<64 hex>", images
+                         pinned by digest "repo@sha256:<64 hex>", or prefixes ending in "/" (default
+                         empty: only the operator's own trainer image)
+      allow_non_private_studies  whether it may join studies without DP-SGD (default false)
       trainer            optional scheduling hints (node_selector, resources, tolerations)
   EOT
   type = map(object({
@@ -236,7 +240,9 @@ variable "hospitals" {
       epsilon = number
       delta   = optional(number, 0.00001)
     })
-    consented_studies = optional(list(string), [])
+    consented_studies         = optional(list(string), [])
+    allowed_trainer_images    = optional(list(string), [])
+    allow_non_private_studies = optional(bool, false)
     trainer = optional(object({
       node_selector = optional(map(string))
       resources = optional(object({
@@ -305,6 +311,16 @@ variable "hospitals" {
   validation {
     condition     = alltrue([for name, h in var.hospitals : length(h.consented_studies) <= 256 && length(distinct(h.consented_studies)) == length(h.consented_studies)])
     error_message = "A hospital's consented_studies must not repeat a study and may hold at most 256 studies."
+  }
+  validation {
+    condition = alltrue(flatten([
+      for name, h in var.hospitals : concat([length(h.allowed_trainer_images) <= 64], [
+        for i in h.allowed_trainer_images : length(i) >= 1 && length(i) <= 512 && (
+          endswith(i, "/") || can(regex("^sha256:[0-9a-f]{64}$", i)) || can(regex("^[^@]+@sha256:[0-9a-f]{64}$", i))
+        )
+      ])
+    ]))
+    error_message = "Every allowed_trainer_images entry must be a digest (sha256:<64 hex>), an image pinned by digest (repo@sha256:<64 hex>) or a registry/repository prefix ending in \"/\" (at most 64 entries of at most 512 characters)."
   }
   validation {
     condition = alltrue(flatten([

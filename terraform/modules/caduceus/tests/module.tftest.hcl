@@ -172,6 +172,44 @@ run "rejects_dotdot_in_data_path" {
   expect_failures = [var.hospitals]
 }
 
+run "trainer_images_and_non_private_consent_reach_the_spec" {
+  command = plan
+  variables {
+    hospitals = {
+      st-mary = {
+        data                      = { claim_name = "faces" }
+        privacy_budget            = { epsilon = 1 }
+        allowed_trainer_images    = ["registry.example/caduceus/", "sha256:${join("", [for i in range(64) : "a"])}"]
+        allow_non_private_studies = true
+      }
+    }
+  }
+  assert {
+    condition = yamldecode(helm_release.hospital["st-mary"].values[0]).spec.allowedTrainerImages == [
+      "registry.example/caduceus/", "sha256:${join("", [for i in range(64) : "a"])}"
+    ]
+    error_message = "allowedTrainerImages: ${helm_release.hospital["st-mary"].values[0]}"
+  }
+  assert {
+    condition     = yamldecode(helm_release.hospital["st-mary"].values[0]).spec.allowNonPrivateStudies == true
+    error_message = "allowNonPrivateStudies: ${helm_release.hospital["st-mary"].values[0]}"
+  }
+}
+
+run "rejects_a_trainer_image_given_by_tag" {
+  command = plan
+  variables {
+    hospitals = {
+      st-mary = {
+        data                   = { claim_name = "faces" }
+        privacy_budget         = { epsilon = 1 }
+        allowed_trainer_images = ["registry.example/caduceus/trainer:latest"]
+      }
+    }
+  }
+  expect_failures = [var.hospitals]
+}
+
 run "rejects_study_without_namespace" {
   command = plan
   variables {
