@@ -167,7 +167,12 @@ async fn the_operator_keeps_its_trust_boundaries() {
     apply(&changed);
     let msg = wait_admission(&client, &h0.name, "good", &img_ref, "ConsentOutdated").await;
     assert!(msg.contains("terms changed"), "{msg}");
-    let new_hash = consent_hash(&client, &sns.name, img).await;
+    // The hospital's admission is written before the study's status in one reconcile: wait for it.
+    let new_hash = wait_for("the new consent hash", Duration::from_secs(30), || async {
+        let h = consent_hash(&client, &sns.name, img).await;
+        (h != hash).then_some(h)
+    })
+    .await;
     assert_ne!(hash, new_hash);
     let st = studies.get(img).await.unwrap().status.unwrap();
     let c = st.conditions.condition(types::HOSPITALS_ADMITTED).unwrap();
