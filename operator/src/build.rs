@@ -79,17 +79,22 @@ pub fn job_ttl_secs(study: &FederatedStudy) -> i64 {
     (round_max_life_secs(study) + 3600).max(86400)
 }
 
-/// The ServiceAccount trainer pods run as in a hospital namespace: no token, no Role binds it.
-pub fn trainer_service_account(hospital_ns: &str) -> ServiceAccount {
+/// A ServiceAccount the operator's workloads run as: no token is mounted and no Role binds it.
+fn tokenless_service_account(name: &str, namespace: &str) -> ServiceAccount {
     from_json(json!({
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": {
-            "name": names::TRAINER_SERVICE_ACCOUNT,
-            "namespace": hospital_ns,
+            "name": name,
+            "namespace": namespace,
             "labels": {names::LABEL_MANAGED_BY: names::MANAGED_BY},
         },
         "automountServiceAccountToken": false,
     }))
+}
+
+/// The ServiceAccount trainer pods run as in a hospital namespace: no token, no Role binds it.
+pub fn trainer_service_account(hospital_ns: &str) -> ServiceAccount {
+    tokenless_service_account(names::TRAINER_SERVICE_ACCOUNT, hospital_ns)
 }
 
 pub const TLS_DIR: &str = "/etc/caduceus/tls";
@@ -145,16 +150,10 @@ fn arch_name(study: &FederatedStudy) -> String {
 
 /// The ServiceAccount aggregator pods run as: no token is mounted and no Role binds it.
 pub fn aggregator_service_account(study: &FederatedStudy) -> ServiceAccount {
-    let ns = study.namespace().unwrap_or_default();
-    from_json(json!({
-        "apiVersion": "v1", "kind": "ServiceAccount",
-        "metadata": {
-            "name": names::AGGREGATOR_SERVICE_ACCOUNT,
-            "namespace": ns,
-            "labels": {names::LABEL_MANAGED_BY: names::MANAGED_BY},
-        },
-        "automountServiceAccountToken": false,
-    }))
+    tokenless_service_account(
+        names::AGGREGATOR_SERVICE_ACCOUNT,
+        &study.namespace().unwrap_or_default(),
+    )
 }
 
 /// The aggregator's Service. In loopback mode it is a NodePort Service, whose allocated port the
@@ -620,6 +619,34 @@ spec:
         .unwrap();
         s.metadata.uid = Some("1234".into());
         s
+    }
+
+    #[test]
+    fn workload_service_accounts_mount_no_token() {
+        for (sa, name, ns) in [
+            (
+                trainer_service_account("north"),
+                names::TRAINER_SERVICE_ACCOUNT,
+                "north",
+            ),
+            (
+                aggregator_service_account(&study(false)),
+                names::AGGREGATOR_SERVICE_ACCOUNT,
+                "studies",
+            ),
+        ] {
+            assert_eq!(sa.metadata.name.as_deref(), Some(name));
+            assert_eq!(sa.metadata.namespace.as_deref(), Some(ns));
+            assert_eq!(sa.automount_service_account_token, Some(false));
+            assert_eq!(
+                sa.metadata
+                    .labels
+                    .unwrap()
+                    .get(names::LABEL_MANAGED_BY)
+                    .map(String::as_str),
+                Some(names::MANAGED_BY)
+            );
+        }
     }
 
     fn hospital() -> HospitalClient {

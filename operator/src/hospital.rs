@@ -67,21 +67,14 @@ async fn apply(h: Arc<HospitalClient>, ctx: Arc<Context>) -> Result<Action> {
     let ns = h.namespace().unwrap_or_default();
     let name = h.name_any();
     let api: Api<HospitalClient> = Api::namespaced(ctx.client.clone(), &ns);
-    let (st, reason, msg) = if ctx.settings.serves(&ns) {
-        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-        let claim = &h.spec.data.claim_name;
-        let phase = match pvcs.get_opt(claim).await? {
-            Some(p) => Some(p.status.and_then(|s| s.phase).unwrap_or_else(|| "Pending".into())),
-            None => None,
-        };
-        readiness(claim, phase.as_deref())
-    } else {
-        (
-            cstatus::FALSE,
-            "NamespaceNotServed",
-            format!("the operator does not serve namespace {ns} (its --watch-namespaces)"),
-        )
+    // (A namespace the operator does not serve never gets here: `reconcile` leaves it alone.)
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let claim = &h.spec.data.claim_name;
+    let phase = match pvcs.get_opt(claim).await? {
+        Some(p) => Some(p.status.and_then(|s| s.phase).unwrap_or_else(|| "Pending".into())),
+        None => None,
     };
+    let (st, reason, msg) = readiness(claim, phase.as_deref());
     // The durable ledger exists for every hospital (seeded from an older status mirror once), and
     // its mirror is restored into a re-created HospitalClient.
     let opns = ctx.settings.operator_namespace.clone();
