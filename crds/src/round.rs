@@ -87,7 +87,9 @@ pub struct TrainingRoundSpec {
 pub struct TrainingRoundStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Succeeded`, `QuorumReached`, `FairnessWithinThreshold`. A round that the operator did not
+    /// `Succeeded`, `QuorumReached`, `FairnessWithinThreshold`. `Succeeded` is `Unknown` with reason
+    /// `Running` while the round runs, then `Settling` (its message names how it ended) while its
+    /// participants' ledgers are settled, then `True` or `False`. A round that the operator did not
     /// create (no valid signature) ends at once with `Succeeded=False`, reason `NotCreatedByOperator`,
     /// and nothing is scheduled for it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
