@@ -136,6 +136,37 @@ pub fn master_key_secret(study_namespace: &str, study: &str) -> String {
     )
 }
 
+/// The id of a site assignment: one hospital's part in one round of one study (by study UID,
+/// attempt and round). The site agent recomputes it from the round it is sent and refuses a mismatch.
+pub fn assignment_id(study_namespace: &str, round_name: &str, study_uid: &str, hospital_ref: &str) -> String {
+    format!("{study_namespace}/{round_name}@{study_uid}|{hospital_ref}")
+}
+
+/// The sites CA Secret (operator namespace of a coordinator): signs the gateway's server
+/// certificate and each enrolled site's client certificate.
+pub const SITES_CA_SECRET: &str = "caduceus-sites-ca";
+/// The gateway's own server certificate (operator namespace of a coordinator).
+pub const GATEWAY_TLS_SECRET: &str = "caduceus-gateway-tls";
+/// The prefix of join-token Secrets (`caduceus-join-<token id>`, coordinator).
+pub const JOIN_TOKEN_PREFIX: &str = "caduceus-join-";
+/// The prefix of enrolment records (`caduceus-site-<hospital>`, coordinator).
+pub const ENROLMENT_PREFIX: &str = "caduceus-site-";
+/// The annotation that marks a coordinator's copy of a site's HospitalClient.
+pub const ANNOTATION_MIRROR_OF: &str = "fl.caduceus.dev/mirror-of";
+/// On a mirror: whether the site reports itself ready (`True`/`False`), and why.
+pub const ANNOTATION_SITE_READY: &str = "fl.caduceus.dev/site-ready";
+/// The label of a mirror: the site's hospital name.
+pub const LABEL_SITE: &str = "fl.caduceus.dev/site";
+
+/// The Secret (coordinator, operator namespace) of a study's sealed TFHE key blobs, one per hospital id,
+/// and the key's fingerprint (the coordinator cannot open them).
+pub fn sealed_key_secret(study_namespace: &str, study: &str) -> String {
+    format!(
+        "sealed-{study}-{}",
+        short_hash(&format!("{study_namespace}/{study}"), 8)
+    )
+}
+
 /// The Service DNS name trainers dial and the aggregator's certificate names.
 pub fn service_dns(study: &str, namespace: &str) -> String {
     format!("{}.{namespace}.svc", service(study))
