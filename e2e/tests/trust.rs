@@ -326,6 +326,31 @@ spec:
         ns = nostart_ns.name
     );
     apply(&vap);
+    // A new policy takes a moment to be enforced: probe it with a server-side dry run until a
+    // round is refused, so that the study's first round cannot slip in before it.
+    let probe: TrainingRound = serde_json::from_value(serde_json::json!({
+        "apiVersion": "fl.caduceus.dev/v1alpha1", "kind": "TrainingRound",
+        "metadata": {"name": "probe-r0", "namespace": nostart_ns.name},
+        "spec": {"study": "probe", "round": 0, "participants": [format!("{}/open", h1.name)],
+                 "minParticipants": 1, "studyUid": "probe"},
+    }))
+    .unwrap();
+    let nostart_rounds = Api::<TrainingRound>::namespaced(client.clone(), &nostart_ns.name);
+    let dry = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait_for(
+        "the admission policy to refuse rounds",
+        Duration::from_secs(60),
+        || async {
+            match nostart_rounds.create(&dry, &probe).await {
+                Err(kube::Error::Api(e)) if e.message.contains("no rounds in this namespace") => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
     apply(&study_yaml(&nostart_ns.name, nostart, &net, 1, 1, 10));
     consent(&client, &nostart_ns.name, nostart, &[(&h1.name, "open")]).await;
     let open_h: Api<HospitalClient> = Api::namespaced(client.clone(), &h1.name);
