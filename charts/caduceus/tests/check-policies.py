@@ -20,6 +20,13 @@ accept nothing; aggregators accept only trainers of the hospital namespaces on 5
 Admission (admissionPolicy.enabled): the round-jobs and round-pods ValidatingAdmissionPolicies deny
 (failurePolicy Fail, validationActions [Deny]), name the operator's and the Job controller's users, and
 are bound to exactly the served namespaces.
+
+Roles (`role`, docs/sites.md): `all` as above. `coordinator`: no hospital namespaces; no HospitalClient
+rights in the ClusterRole, a Role in namespaces.sites for the mirrors instead; the gateway Service and
+container port, the gateway and sites env; NetworkPolicies open the gateway and aggregator ports to
+networkPolicy.sitesFrom. `site`: no ClusterRole at all, no Service, no study or round rights anywhere; a
+Role in the hospital's namespace (site.hospital) and one in its own, whose Secrets beyond create are
+limited by name to its identity and join Secrets; NetworkPolicies reach the coordinator's CIDRs only.
 """
 
 import argparse
@@ -69,6 +76,36 @@ ROUND_RULES = {
 STUDY_RULES = {**ROUND_RULES, ("", "services"): {"get", "create", "patch"}}
 HOSPITAL_RULES = dict(ROUND_RULES)
 
+# Role coordinator: HospitalClients only in the sites namespace (the hospitals' mirrors).
+COORDINATOR_CLUSTER_RULES = {k: v for k, v in CLUSTER_RULES.items() if not k[1].startswith("hospitalclients")}
+SITES_RULES = {
+    ("fl.caduceus.dev", "hospitalclients"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("fl.caduceus.dev", "hospitalclients/status"): {"get", "patch", "update"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+}
+# Role site: its HospitalClient and trainers in the hospital's namespace; nothing of studies or rounds.
+SITE_HOSPITAL_RULES = {
+    ("fl.caduceus.dev", "hospitalclients"): {"get", "list", "watch", "patch"},
+    ("fl.caduceus.dev", "hospitalclients/status"): {"get", "patch", "update"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "pods"): {"get", "list"},
+    ("", "secrets"): {"get", "create", "update", "delete"},
+    ("", "serviceaccounts"): {"get", "create"},
+    ("", "persistentvolumeclaims"): {"get"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+}
+
+
+def site_own_rules(join_secret):
+    return {
+        ("", "secrets"): {"create"},
+        ("", "secrets", ("caduceus-site-identity",)): {"get", "update"},
+        ("", "secrets", (join_secret,)): {"get"},
+        ("", "configmaps"): OWN_RULES[("", "configmaps")],
+        ("events.k8s.io", "events"): {"create", "patch"},
+    }
+
+
 errors = []
 
 
@@ -102,21 +139,23 @@ def fullname(values, release="caduceus"):
     return release if "caduceus" in release else f"{release}-caduceus"
 
 
-def rules_of(obj):
-    """{(group, resource): verbs} of a Role or ClusterRole; duplicates are an error."""
+def rules_of(obj, names_allowed=False):
+    """{(group, resource[, resourceNames]): verbs} of a Role or ClusterRole; duplicates are an error."""
     out = {}
     where = f"{obj['kind']} {obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"
     for r in obj.get("rules") or []:
         for key in ("verbs", "resources", "apiGroups"):
             if "*" in (r.get(key) or []):
                 err(f"{where}: wildcard in {key}")
-        if r.get("resourceNames") or r.get("nonResourceURLs"):
+        if (r.get("resourceNames") and not names_allowed) or r.get("nonResourceURLs"):
             err(f"{where}: unexpected resourceNames/nonResourceURLs {r}")
+        names = tuple(sorted(r.get("resourceNames") or []))
         for g in r.get("apiGroups") or []:
             for res in r.get("resources") or []:
-                if (g, res) in out:
+                key = (g, res, names) if names else (g, res)
+                if key in out:
                     err(f"{where}: {g}/{res} granted twice")
-                out[(g, res)] = set(r.get("verbs") or [])
+                out[key] = set(r.get("verbs") or [])
     return out
 
 
@@ -158,9 +197,18 @@ def main():
     rel_ns = a.release_namespace
     name = fullname(values, a.release)
     sa = values["serviceAccount"].get("name") or name
-    studies = values["namespaces"]["studies"]
-    hospitals = values["namespaces"]["hospitals"]
+    role = values["role"]
+    if role == "site":
+        site_ns = values["site"]["hospital"].split("/")[0]
+        studies, hospitals = [], [site_ns]
+    elif role == "coordinator":
+        studies, hospitals = values["namespaces"]["studies"], []
+    else:
+        studies = values["namespaces"]["studies"]
+        hospitals = values["namespaces"]["hospitals"]
+    sites_ns = values["namespaces"]["sites"]
     served = list(dict.fromkeys(studies + hospitals))
+    watched = served + ([sites_ns] if role == "coordinator" and sites_ns not in served else [])
     leader = values["leaderElection"]["enabled"] or int(values["replicaCount"]) > 1
     np = values["networkPolicy"]
 
@@ -170,19 +218,23 @@ def main():
     # ---------------------------------------------------------------- RBAC
     if values["rbac"]["create"]:
         crs = of_kind("ClusterRole")
-        if [c["metadata"]["name"] for c in crs] != [name]:
-            err(f"want exactly one ClusterRole {name}, got {[c['metadata']['name'] for c in crs]}")
+        want_crs = [] if role == "site" else [name]
+        if [c["metadata"]["name"] for c in crs] != want_crs:
+            err(f"want ClusterRoles {want_crs}, got {[c['metadata']['name'] for c in crs]}")
         for c in crs:
             got = rules_of(c)
             for g, res in got:
                 if g != "fl.caduceus.dev":
                     err(f"ClusterRole {name} grants {g or 'core'}/{res} cluster-wide")
-            same_rules(f"ClusterRole {name}", got, CLUSTER_RULES)
-        want_roles = {(rel_ns, name): {**OWN_RULES, **(LEASE_RULES if leader else {})}}
+            same_rules(f"ClusterRole {name}", got, COORDINATOR_CLUSTER_RULES if role == "coordinator" else CLUSTER_RULES)
+        own = site_own_rules(values["site"]["joinSecret"]) if role == "site" else OWN_RULES
+        want_roles = {(rel_ns, name): {**own, **(LEASE_RULES if leader else {})}}
         for ns in studies:
             want_roles[(ns, f"{name}-study")] = STUDY_RULES
         for ns in hospitals:
-            want_roles[(ns, f"{name}-hospital")] = HOSPITAL_RULES
+            want_roles[(ns, f"{name}-hospital")] = SITE_HOSPITAL_RULES if role == "site" else HOSPITAL_RULES
+        if role == "coordinator":
+            want_roles[(sites_ns, f"{name}-sites")] = SITES_RULES
         roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in of_kind("Role")}
         for key in sorted(set(roles) - set(want_roles)):
             err(f"unexpected Role {key[0]}/{key[1]}")
@@ -190,8 +242,14 @@ def main():
             if key not in roles:
                 err(f"no Role {key[1]} in namespace {key[0]}")
                 continue
-            got = rules_of(roles[key])
+            got = rules_of(roles[key], names_allowed=(role == "site" and key[0] == rel_ns))
             same_rules(f"Role {key[0]}/{key[1]}", got, want)
+            if role == "site":
+                for k in got:
+                    if k[0] == "fl.caduceus.dev" and not k[1].startswith("hospitalclients"):
+                        err(f"Role {key[0]}/{key[1]} grants {k[1]} to a site")
+                    if k[1] == "services":
+                        err(f"Role {key[0]}/{key[1]} grants Services to a site")
             if key[0] != rel_ns and ("", "configmaps") in got:
                 err(f"Role {key[0]}/{key[1]} grants ConfigMaps outside the release namespace")
         bindings = of_kind("RoleBinding") + of_kind("ClusterRoleBinding")
@@ -225,8 +283,38 @@ def main():
             if sc.get(k) != v:
                 err(f"Deployment pod securityContext.{k} = {sc.get(k)!r}, want {v!r}")
         env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env") or []}
-        if env.get("CADUCEUS_WATCH_NAMESPACES") != ",".join(served):
-            err(f"CADUCEUS_WATCH_NAMESPACES = {env.get('CADUCEUS_WATCH_NAMESPACES')!r}, want {','.join(served)!r}")
+        if env.get("CADUCEUS_WATCH_NAMESPACES") != ",".join(watched):
+            err(f"CADUCEUS_WATCH_NAMESPACES = {env.get('CADUCEUS_WATCH_NAMESPACES')!r}, want {','.join(watched)!r}")
+        gw = values["gateway"]
+        want_env = {
+            "CADUCEUS_ROLE": None if role == "all" else role,
+            "CADUCEUS_GATEWAY_LISTEN": f"0.0.0.0:{gw['port']}" if role == "coordinator" else None,
+            "CADUCEUS_GATEWAY_ADDRESS": gw["address"] if role == "coordinator" else None,
+            "CADUCEUS_GATEWAY_SERVER_NAME": ",".join(gw["serverNames"]) if role == "coordinator" and gw["serverNames"] else None,
+            "CADUCEUS_SITES_NAMESPACE": sites_ns if role == "coordinator" else None,
+            "CADUCEUS_HOSPITAL": values["site"]["hospital"] if role == "site" else None,
+            "CADUCEUS_JOIN_SECRET": values["site"]["joinSecret"] if role == "site" else None,
+        }
+        for k, v in want_env.items():
+            if env.get(k) != v:
+                err(f"Deployment env {k} = {env.get(k)!r}, want {v!r} (role {role})")
+        ports = {p["name"]: p["containerPort"] for p in pod["containers"][0].get("ports") or []}
+        want_ports = {"metrics": values["metrics"]["port"], **({"gateway": gw["port"]} if role == "coordinator" else {})}
+        if ports != want_ports:
+            err(f"container ports {ports}, want {want_ports} (role {role})")
+    services = {s["metadata"]["name"]: s for s in of_kind("Service")}
+    want_services = set()
+    if role != "site" and values["metrics"]["service"]["enabled"]:
+        want_services.add(f"{name}-metrics")
+    if role == "coordinator":
+        want_services.add(f"{name}-gateway")
+    if set(services) != want_services:
+        err(f"Services {sorted(services)}, want {sorted(want_services)} (role {role})")
+    g = services.get(f"{name}-gateway")
+    if g is not None:
+        spec = g["spec"]
+        if spec.get("type") != gw["service"]["type"] or [(p["name"], p["port"], p["targetPort"]) for p in spec["ports"]] != [("gateway", gw["port"], "gateway")]:
+            err(f"gateway Service: type {spec.get('type')}, ports {spec['ports']}, want {gw['service']['type']} gateway:{gw['port']}")
     for s in of_kind("ServiceAccount"):
         if s.get("automountServiceAccountToken") is not False:
             err(f"ServiceAccount {s['metadata']['name']} mounts its token by default")
@@ -265,6 +353,7 @@ def main():
             if sorted(map(peers_str, other)) != sorted(map(peers_str, want_other)):
                 err(f"{where}: egress {other}, want {want_other}")
 
+        coord_to = [{"ipBlock": {"cidr": c}} for c in np["coordinator"]["cidrs"]]
         op_key = (rel_ns, f"{name}-operator")
         if op_key not in pols:
             err(f"no NetworkPolicy {op_key[1]} in {rel_ns}")
@@ -274,12 +363,21 @@ def main():
                    "ports": [{"protocol": "TCP", "port": port} for port in np["apiServer"]["ports"]]}
             if not np["apiServer"]["cidrs"]:
                 err("the operator's API server egress has no CIDR")
-            check_egress(f"NetworkPolicy {rel_ns}/{op_key[1]}", p, [api])
+            want_other = [api]
+            if role == "site":
+                if not coord_to:
+                    err("the site agent's coordinator egress has no CIDR")
+                want_other.append({"to": coord_to, "ports": [{"protocol": "TCP", "port": np["coordinator"]["gatewayPort"]}]})
+            check_egress(f"NetworkPolicy {rel_ns}/{op_key[1]}", p, want_other)
             ing = p["spec"].get("ingress") or []
             want_from = np.get("metricsFrom") or None
-            if len(ing) != 1 or ing[0].get("ports") != [{"protocol": "TCP", "port": values["metrics"]["port"]}] \
-                    or ing[0].get("from") != want_from:
-                err(f"NetworkPolicy {rel_ns}/{op_key[1]}: ingress {ing}, want only the metrics port from {want_from}")
+            want_ing = [{"ports": [{"protocol": "TCP", "port": values["metrics"]["port"]}], **({"from": want_from} if want_from else {})}]
+            if role == "coordinator":
+                sites_from = np.get("sitesFrom") or None
+                want_ing.append({"ports": [{"protocol": "TCP", "port": values["gateway"]["port"]}],
+                                 **({"from": sites_from} if sites_from else {})})
+            if ing != want_ing:
+                err(f"NetworkPolicy {rel_ns}/{op_key[1]}: ingress {ing}, want {want_ing}")
 
         want = {op_key}
         for ns in served:
@@ -310,8 +408,13 @@ def main():
             where = f"NetworkPolicy {ns}/caduceus-aggregator"
             if not selector_matches_exactly(p["spec"]["podSelector"], dict(MANAGED, **{"app.kubernetes.io/component": "aggregator"})):
                 err(f"{where}: selects {p['spec']['podSelector']}")
-            if p["spec"].get("ingress") != [{"from": trainers_of, "ports": grpc_ports}]:
-                err(f"{where}: ingress {p['spec'].get('ingress')}, want only trainers of {hospitals} on {GRPC}")
+            if role == "coordinator":
+                sites_from = np.get("sitesFrom") or None
+                want_ing = [{"ports": grpc_ports, **({"from": sites_from} if sites_from else {})}]
+            else:
+                want_ing = [{"from": trainers_of, "ports": grpc_ports}]
+            if p["spec"].get("ingress") != want_ing:
+                err(f"{where}: ingress {p['spec'].get('ingress')}, want {want_ing}")
             check_egress(where, p, [])
         for ns in hospitals:
             key = (ns, "caduceus-trainer")
@@ -325,7 +428,12 @@ def main():
                 err(f"{where}: selects {p['spec']['podSelector']}")
             if p["spec"].get("ingress") != [] or "Ingress" not in p["spec"].get("policyTypes", []):
                 err(f"{where}: trainers must accept no connection: {p['spec'].get('ingress')}")
-            check_egress(where, p, [{"to": aggregators_of, "ports": grpc_ports}])
+            if role == "site":
+                agg_ports = [{"protocol": "TCP", **{k: v for k, v in x.items() if v is not None}}
+                             for x in np["coordinator"]["aggregatorPorts"]]
+                check_egress(where, p, [{"to": coord_to, "ports": agg_ports}])
+            else:
+                check_egress(where, p, [{"to": aggregators_of, "ports": grpc_ports}])
         for key in sorted(set(pols) - want):
             err(f"unexpected NetworkPolicy {key[0]}/{key[1]}")
 
