@@ -6,6 +6,16 @@
 --   PrivacyBudgetExhausted True:  BudgetExceeded (the next round would overspend the budget)
 --                          False: WithinBudget
 --
+-- A mirror (sites mode, docs/sites.md: annotation fl.caduceus.dev/mirror-of: site, in the coordinator's
+-- --sites-namespace) is written by the coordinator's gateway from its site's SiteHello; it has no data
+-- claim in this cluster. Its Ready condition comes from the site:
+--   Ready                  True:  the site is connected and reports ready (reason as the coordinator writes it)
+--                          False: SiteNotConnected (enrolled, never connected yet: Progressing),
+--                                 SiteDisconnected (its stream is gone: Degraded; rounds go on without it),
+--                                 SiteNotReady or any other reason (Degraded: the site's admins must act)
+-- Messages of a mirror start with "Site: ". PrivacyBudgetExhausted of a mirror is the coordinator's
+-- planning copy of the site's ledger; it reads as above.
+--
 -- Only the Lua base and table libraries are used: Argo CD runs argocd-cm scripts without the
 -- string, math, io and os libraries (resource.customizations.useOpenLibs is not needed).
 local hs = {}
@@ -64,10 +74,21 @@ local function budgetFigures(obj)
   return text
 end
 
+local mirror = obj.metadata.annotations ~= nil and obj.metadata.annotations["fl.caduceus.dev/mirror-of"] == "site"
+-- A mirror's messages say that they describe the site.
+local prefix = ""
+if mirror then
+  prefix = "Site: "
+end
+
 local status = obj.status
 if status == nil then
   hs.status = "Progressing"
-  hs.message = "Waiting for the operator to check the hospital's data claim"
+  if mirror then
+    hs.message = "Waiting for the site to connect (a mirror of the site's HospitalClient)"
+  else
+    hs.message = "Waiting for the operator to check the hospital's data claim"
+  end
   return hs
 end
 
@@ -80,7 +101,11 @@ if stale ~= nil then
 end
 if ready == nil then
   hs.status = "Progressing"
-  hs.message = "Waiting for the operator to set the Ready condition"
+  if mirror then
+    hs.message = "Waiting for the site to report whether it is ready"
+  else
+    hs.message = "Waiting for the operator to set the Ready condition"
+  end
   return hs
 end
 
@@ -92,15 +117,27 @@ if ready.status == "True" then
       -- The budget was exhausted under an older spec (e.g. before it was raised); the next
       -- admission by a study decides again.
       hs.status = "Healthy"
-      hs.message = describe(ready) .. budgetFigures(obj) .. "; the privacy budget was exhausted at generation " .. budget.observedGeneration .. " and is checked again when a study next admits this hospital"
+      hs.message = prefix .. describe(ready) .. budgetFigures(obj) .. "; the privacy budget was exhausted at generation " .. budget.observedGeneration .. " and is checked again when a study next admits this hospital"
       return hs
     end
     hs.status = "Degraded"
-    hs.message = "PrivacyBudgetExhausted: " .. describe(budget)
+    hs.message = prefix .. "PrivacyBudgetExhausted: " .. describe(budget)
     return hs
   end
   hs.status = "Healthy"
-  hs.message = describe(ready) .. budgetFigures(obj)
+  hs.message = prefix .. describe(ready) .. budgetFigures(obj)
+  return hs
+end
+
+if mirror and ready.status == "False" then
+  -- Enrolled but not connected yet: the site agent is starting or dialling.
+  if ready.reason == "SiteNotConnected" then
+    hs.status = "Progressing"
+  else
+    -- SiteDisconnected, SiteNotReady and anything else: the site cannot train now.
+    hs.status = "Degraded"
+  end
+  hs.message = prefix .. describe(ready)
   return hs
 end
 
@@ -127,10 +164,10 @@ end
 
 if ready.status == "Unknown" then
   hs.status = "Progressing"
-  hs.message = describe(ready)
+  hs.message = prefix .. describe(ready)
   return hs
 end
 
 hs.status = "Unknown"
-hs.message = "Ready condition has an unexpected status " .. tostring(ready.status) .. ": " .. describe(ready)
+hs.message = prefix .. "Ready condition has an unexpected status " .. tostring(ready.status) .. ": " .. describe(ready)
 return hs
