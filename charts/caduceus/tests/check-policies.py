@@ -25,8 +25,8 @@ Roles (`role`, docs/sites.md): `all` as above. `coordinator`: no hospital namesp
 rights in the ClusterRole, a Role in namespaces.sites for the mirrors instead; the gateway Service and
 container port, the gateway and sites env; NetworkPolicies open the gateway and aggregator ports to
 networkPolicy.sitesFrom. `site`: no ClusterRole at all, no Service, no study or round rights anywhere; a
-Role in the hospital's namespace (site.hospital) and one in its own, whose Secrets beyond create are
-limited by name to its identity and join Secrets; NetworkPolicies reach the coordinator's CIDRs only.
+Role in the hospital's namespace (site.hospital) and one in its own, whose Secrets have no delete or
+watch; no Pods, no Services; NetworkPolicies reach the coordinator's CIDRs only.
 """
 
 import argparse
@@ -88,19 +88,17 @@ SITE_HOSPITAL_RULES = {
     ("fl.caduceus.dev", "hospitalclients"): {"get", "list", "watch", "patch"},
     ("fl.caduceus.dev", "hospitalclients/status"): {"get", "patch", "update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "pods"): {"get", "list"},
-    ("", "secrets"): {"get", "create", "update", "delete"},
-    ("", "serviceaccounts"): {"get", "create"},
+    ("", "secrets"): {"get", "create", "update", "patch", "delete"},
+    ("", "serviceaccounts"): {"get", "create", "patch"},
     ("", "persistentvolumeclaims"): {"get"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 
 
 def site_own_rules(join_secret):
+    # The join Secret, caduceus-site-identity and the study keys (listed by label): no delete, no watch.
     return {
-        ("", "secrets"): {"create"},
-        ("", "secrets", ("caduceus-site-identity",)): {"get", "update"},
-        ("", "secrets", (join_secret,)): {"get"},
+        ("", "secrets"): {"get", "list", "create", "update"},
         ("", "configmaps"): OWN_RULES[("", "configmaps")],
         ("events.k8s.io", "events"): {"create", "patch"},
     }
@@ -242,14 +240,14 @@ def main():
             if key not in roles:
                 err(f"no Role {key[1]} in namespace {key[0]}")
                 continue
-            got = rules_of(roles[key], names_allowed=(role == "site" and key[0] == rel_ns))
+            got = rules_of(roles[key])
             same_rules(f"Role {key[0]}/{key[1]}", got, want)
             if role == "site":
                 for k in got:
                     if k[0] == "fl.caduceus.dev" and not k[1].startswith("hospitalclients"):
                         err(f"Role {key[0]}/{key[1]} grants {k[1]} to a site")
-                    if k[1] == "services":
-                        err(f"Role {key[0]}/{key[1]} grants Services to a site")
+                    if k[1] in ("services", "pods"):
+                        err(f"Role {key[0]}/{key[1]} grants {k[1]} to a site")
             if key[0] != rel_ns and ("", "configmaps") in got:
                 err(f"Role {key[0]}/{key[1]} grants ConfigMaps outside the release namespace")
         bindings = of_kind("RoleBinding") + of_kind("ClusterRoleBinding")
