@@ -10,7 +10,8 @@
 # State dir: ${CADUCEUS_CLUSTER_DIR:-/tmp/caduceus-cluster} (pids, logs, certs, kubeconfig, etcd data,
 # localnode pod dirs). Environment: LOCALNODE_BIN (use this localnode binary instead of building it
 # with cargo), CADUCEUS_BIN_DIR (where localnode finds caduceus-* binaries; default: next to localnode),
-# CLUSTER_UP_TIMEOUT (seconds to wait for each readiness step, default 90).
+# CLUSTER_UP_TIMEOUT (seconds to wait for each readiness step, default 90), CLUSTER_APISERVER_EXTRA_ARGS
+# (more kube-apiserver flags, split on whitespace; e.g. an audit policy and log outside the state dir).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -276,6 +277,8 @@ EOF
   wait_for "etcd" "$DIR/logs/etcd.log" curl -sf --max-time 2 "http://127.0.0.1:$ETCD_PORT/health"
 
   log "starting kube-apiserver on https://127.0.0.1:$API_PORT"
+  local apiserver_extra=()
+  read -r -a apiserver_extra <<<"${CLUSTER_APISERVER_EXTRA_ARGS:-}"
   start kube-apiserver "$DIR/logs/kube-apiserver.log" "$bins/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
@@ -285,7 +288,7 @@ EOF
     --service-account-issuer "https://127.0.0.1:$API_PORT" \
     --service-account-key-file "$DIR/pki/sa.pub" --service-account-signing-key-file "$DIR/pki/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
-    --endpoint-reconciler-type none --cert-dir "$DIR/pki/apiserver-generated"
+    --endpoint-reconciler-type none --cert-dir "$DIR/pki/apiserver-generated" "${apiserver_extra[@]}"
   wait_for "kube-apiserver /readyz" "$DIR/logs/kube-apiserver.log" api_ready
 
   # localnode's permissions (it is not a real kubelet, so the Node authorizer is not used).
