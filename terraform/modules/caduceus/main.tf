@@ -21,6 +21,24 @@ locals {
   } : k => v if v != null }
   resources = var.resources == null ? {} : { for k, v in var.resources : k => v if v != null }
 
+  # Role coordinator: gateway.*; role site: site.* (its one hospital's HospitalClient).
+  gateway_service = { for k, v in {
+    type                     = var.gateway.service_type
+    nodePort                 = var.gateway.node_port
+    annotations              = var.gateway.service_annotations
+    loadBalancerSourceRanges = var.gateway.load_balancer_source_ranges
+  } : k => v if v != null }
+  gateway = { for k, v in {
+    address     = var.gateway.address
+    port        = var.gateway.port
+    serverNames = var.gateway.server_names
+    service     = length(local.gateway_service) > 0 ? local.gateway_service : null
+  } : k => v if v != null }
+  site = { for k, v in {
+    hospital   = length(local.hospitals) == 1 ? one([for name, h in local.hospitals : "${h.namespace}/${name}"]) : null
+    joinSecret = var.site_join_secret
+  } : k => v if v != null }
+
   values = { for k, v in {
     crds           = { for k, v in var.crds : k => v if v != null }
     image          = local.image
@@ -30,15 +48,24 @@ locals {
     metrics        = var.monitoring.service_monitor == null ? null : { serviceMonitor = { enabled = var.monitoring.service_monitor } }
     prometheusRule = var.monitoring.prometheus_rule == null ? null : { enabled = var.monitoring.prometheus_rule }
     dashboard      = var.monitoring.dashboard == null ? null : { enabled = var.monitoring.dashboard }
+    # docs/sites.md: "all" is the chart's default and is not passed, so role all renders as before.
+    role    = var.role == "all" ? null : var.role
+    gateway = var.role == "coordinator" ? local.gateway : null
+    site    = var.role == "site" ? local.site : null
     # The namespaces the operator serves: its Roles, CADUCEUS_WATCH_NAMESPACES, NetworkPolicies and the
-    # admission policies' binding all follow them.
-    namespaces = {
-      studies   = var.study_namespaces
-      hospitals = local.hospital_namespaces
-    }
+    # admission policies' binding all follow them. A site serves its hospital's namespace (site.hospital)
+    # and lists none; a coordinator has no hospital namespaces, and the sites namespace instead.
+    namespaces = merge(
+      {
+        studies   = var.role == "site" ? [] : var.study_namespaces
+        hospitals = var.role == "all" ? local.hospital_namespaces : []
+      },
+      var.role == "coordinator" ? { sites = var.sites_namespace } : {},
+    )
     networkPolicy = merge(
       var.network_policy_enabled == null ? {} : { enabled = var.network_policy_enabled },
       length(var.api_server_cidrs) == 0 ? {} : { apiServer = { cidrs = var.api_server_cidrs } },
+      var.role != "site" || length(var.coordinator_cidrs) == 0 ? {} : { coordinator = { cidrs = var.coordinator_cidrs } },
     )
     admissionPolicy = var.admission_policy_enabled == null ? null : { enabled = var.admission_policy_enabled }
     resources       = local.resources
@@ -105,6 +132,20 @@ resource "kubernetes_namespace" "study" {
   }
 }
 
+# Role coordinator: the hospitals' mirror HospitalClients live here (made by the gateway, not by this module).
+resource "kubernetes_namespace" "sites" {
+  count = var.role == "coordinator" && var.create_sites_namespace ? 1 : 0
+
+  metadata {
+    name = var.sites_namespace
+    labels = {
+      "app.kubernetes.io/part-of"    = "caduceus"
+      "app.kubernetes.io/managed-by" = "terraform"
+      "caduceus.dev/role"            = "sites"
+    }
+  }
+}
+
 resource "kubernetes_namespace" "hospital" {
   for_each = { for name, h in local.hospitals : name => h if h.create_namespace }
 
@@ -136,7 +177,7 @@ resource "helm_release" "caduceus" {
 
   # The chart renders Roles, RoleBindings and NetworkPolicies into the study and hospital namespaces,
   # which must exist first.
-  depends_on = [kubernetes_namespace.study, kubernetes_namespace.hospital]
+  depends_on = [kubernetes_namespace.study, kubernetes_namespace.hospital, kubernetes_namespace.sites]
 
   lifecycle {
     precondition {
@@ -144,8 +185,20 @@ resource "helm_release" "caduceus" {
       error_message = "No Helm chart at ${local.chart_path} (no Chart.yaml); set chart_path."
     }
     precondition {
-      condition     = length(var.study_namespaces) > 0 && length(local.hospitals) > 0
+      condition     = var.role != "all" || (length(var.study_namespaces) > 0 && length(local.hospitals) > 0)
       error_message = "The operator serves only the namespaces it is given: set study_namespaces and at least one hospital (the chart's namespaces.studies and namespaces.hospitals)."
+    }
+    precondition {
+      condition     = var.role != "coordinator" || (length(var.study_namespaces) > 0 && length(local.hospitals) == 0 && var.gateway.address != null)
+      error_message = "role coordinator: set study_namespaces and gateway.address (the host:port the sites dial), and no hospitals (they are sites: each installs this module with role = \"site\", and its mirror appears in sites_namespace)."
+    }
+    precondition {
+      condition     = var.role != "site" || (length(local.hospitals) == 1 && length(var.study_namespaces) == 0)
+      error_message = "role site: exactly one hospital (the site's own HospitalClient, site.hospital) and no study_namespaces (the studies live in the coordinator's cluster)."
+    }
+    precondition {
+      condition     = var.role != "site" || var.network_policy_enabled == false || length(var.coordinator_cidrs) > 0
+      error_message = "role site with NetworkPolicies on (the chart's default): set coordinator_cidrs to the coordinator's gateway and aggregator addresses, or network_policy_enabled = false."
     }
     precondition {
       condition     = var.network_policy_enabled == false || length(var.api_server_cidrs) > 0

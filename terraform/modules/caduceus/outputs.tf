@@ -32,3 +32,18 @@ output "values" {
   description = "The Helm values the module passes to the chart (before extra_values), as YAML."
   value       = yamlencode(local.values)
 }
+
+output "role" {
+  description = "The chart's role: all, coordinator or site."
+  value       = var.role
+}
+
+output "sites_namespace" {
+  description = "Role coordinator: namespace of the hospitals' mirror HospitalClients (null for the other roles)."
+  value       = var.role == "coordinator" ? var.sites_namespace : null
+}
+
+output "site_hospital" {
+  description = "Role site: the site's own HospitalClient, \"<namespace>/<name>\" (null for the other roles)."
+  value       = var.role == "site" ? lookup(local.site, "hospital", null) : null
+}

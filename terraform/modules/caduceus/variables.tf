@@ -13,6 +13,100 @@ variable "release_name" {
   }
 }
 
+variable "role" {
+  description = "The chart's role (docs/sites.md): \"all\" (one cluster, the default), \"coordinator\" (studies, rounds and the site gateway; no hospitals here, they are sites) or \"site\" (one hospital's cluster: exactly one entry in hospitals, no study namespaces)."
+  type        = string
+  default     = "all"
+  nullable    = false
+
+  validation {
+    condition     = contains(["all", "coordinator", "site"], var.role)
+    error_message = "role must be \"all\", \"coordinator\" or \"site\"."
+  }
+}
+
+variable "gateway" {
+  description = <<-EOT
+    Role coordinator: the site gateway (the chart's gateway.*).
+      address                      host:port the sites dial, written into join bundles (required)
+      port                         container and Service port (chart default 7443)
+      server_names                 more DNS names/IPs for the gateway's certificate
+      service_type                 ClusterIP, NodePort or LoadBalancer (chart default ClusterIP)
+      node_port                    a fixed node port (30000-32767)
+      service_annotations          annotations of the gateway Service (e.g. a cloud load balancer's)
+      load_balancer_source_ranges  with LoadBalancer: the CIDRs the hospitals dial from
+  EOT
+  type = object({
+    address                     = optional(string)
+    port                        = optional(number)
+    server_names                = optional(list(string))
+    service_type                = optional(string)
+    node_port                   = optional(number)
+    service_annotations         = optional(map(string))
+    load_balancer_source_ranges = optional(list(string))
+  })
+  default  = {}
+  nullable = false
+
+  validation {
+    condition     = var.gateway.address == null || can(regex("^(\\[[0-9a-fA-F:.]+\\]|[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?):[0-9]{1,5}$", coalesce(var.gateway.address, "-")))
+    error_message = "gateway.address must be host:port (e.g. fl.example.org:7443)."
+  }
+  validation {
+    condition     = var.gateway.service_type == null || contains(["ClusterIP", "NodePort", "LoadBalancer"], coalesce(var.gateway.service_type, "-"))
+    error_message = "gateway.service_type must be ClusterIP, NodePort or LoadBalancer."
+  }
+  validation {
+    condition     = var.gateway.port == null || try(var.gateway.port >= 1 && var.gateway.port <= 65535 && floor(var.gateway.port) == var.gateway.port, false)
+    error_message = "gateway.port must be a port number (1-65535)."
+  }
+  validation {
+    condition     = var.gateway.node_port == null || try(var.gateway.node_port >= 30000 && var.gateway.node_port <= 32767 && floor(var.gateway.node_port) == var.gateway.node_port, false)
+    error_message = "gateway.node_port must be in 30000-32767."
+  }
+}
+
+variable "sites_namespace" {
+  description = "Role coordinator: namespace of the hospitals' mirror HospitalClients (namespaces.sites, CADUCEUS_SITES_NAMESPACE)."
+  type        = string
+  default     = "caduceus-sites"
+  nullable    = false
+
+  validation {
+    condition     = length(var.sites_namespace) <= 63 && can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", var.sites_namespace))
+    error_message = "sites_namespace must be a DNS label (lower-case alphanumerics and '-', starting and ending alphanumeric, at most 63 characters)."
+  }
+}
+
+variable "create_sites_namespace" {
+  description = "Role coordinator: create sites_namespace (kubernetes_namespace)."
+  type        = bool
+  default     = true
+}
+
+variable "site_join_secret" {
+  description = "Role site: name of the join Secret in the operator's namespace (site.joinSecret; the chart's default is caduceus-join). Apply the Secret that `caduceus-operator join-token create` printed before the site's first start; this module does not hold the token."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.site_join_secret == null || try(length(var.site_join_secret) <= 63 && can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", var.site_join_secret)), false)
+    error_message = "site_join_secret must be a DNS label of at most 63 characters."
+  }
+}
+
+variable "coordinator_cidrs" {
+  description = "Role site: networkPolicy.coordinator.cidrs, the coordinator's addresses (gateway and aggregators) as CIDRs, the only outside addresses the site agent and its trainers may reach. Required with role site unless network_policy_enabled = false."
+  type        = list(string)
+  default     = []
+  nullable    = false
+
+  validation {
+    condition     = alltrue([for c in var.coordinator_cidrs : can(cidrhost(c, 0)) && strcontains(c, "/")])
+    error_message = "Every coordinator_cidrs entry must be a CIDR such as 203.0.113.10/32."
+  }
+}
+
 variable "namespace" {
   description = "Namespace of the operator (the Helm release's namespace)."
   type        = string

@@ -291,3 +291,161 @@ run "rejects_missing_chart" {
   }
   expect_failures = [helm_release.caduceus]
 }
+
+# ---------------------------------------------------------------- roles (docs/sites.md)
+
+run "role_all_passes_no_sites_values" {
+  command = plan
+  assert {
+    condition     = length(setintersection(keys(yamldecode(output.values)), ["role", "gateway", "site"])) == 0 && !contains(keys(yamldecode(output.values).namespaces), "sites")
+    error_message = "role all must leave the chart's sites-mode values alone: ${output.values}"
+  }
+  assert {
+    condition     = length(kubernetes_namespace.sites) == 0 && output.role == "all" && output.sites_namespace == null && output.site_hospital == null
+    error_message = "role all creates no sites namespace"
+  }
+}
+
+run "coordinator_values" {
+  command = apply
+  variables {
+    role             = "coordinator"
+    hospitals        = {}
+    study_namespaces = ["caduceus-studies"]
+    gateway = {
+      address                     = "fl.example.org:7443"
+      server_names                = ["fl.example.org", "203.0.113.10"]
+      service_type                = "LoadBalancer"
+      load_balancer_source_ranges = ["198.51.100.0/24"]
+    }
+  }
+  assert {
+    condition = yamldecode(output.values).role == "coordinator" && yamldecode(output.values).gateway == {
+      address     = "fl.example.org:7443"
+      serverNames = ["fl.example.org", "203.0.113.10"]
+      service     = { type = "LoadBalancer", loadBalancerSourceRanges = ["198.51.100.0/24"] }
+    }
+    error_message = "coordinator values: ${output.values}"
+  }
+  assert {
+    condition     = yamldecode(output.values).namespaces == { studies = ["caduceus-studies"], hospitals = [], sites = "caduceus-sites" }
+    error_message = "coordinator namespaces: ${output.values}"
+  }
+  assert {
+    condition     = length(kubernetes_namespace.sites) == 1 && length(kubernetes_namespace.hospital) == 0 && length(helm_release.hospital) == 0
+    error_message = "a coordinator gets the sites namespace and no hospital"
+  }
+  assert {
+    condition     = !contains(keys(yamldecode(output.values)), "site") && output.sites_namespace == "caduceus-sites"
+    error_message = "coordinator: no site values; sites namespace output"
+  }
+}
+
+run "site_values" {
+  command = apply
+  variables {
+    role              = "site"
+    study_namespaces  = []
+    coordinator_cidrs = ["203.0.113.10/32"]
+    site_join_secret  = "caduceus-join"
+    hospitals = {
+      st-mary = {
+        data              = { claim_name = "faces" }
+        privacy_budget    = { epsilon = 8 }
+        consented_studies = ["caduceus-studies/gender-fedavg@${join("", [for i in range(64) : "b"])}"]
+      }
+    }
+  }
+  assert {
+    condition     = yamldecode(output.values).role == "site" && yamldecode(output.values).site == { hospital = "hospital-st-mary/st-mary", joinSecret = "caduceus-join" }
+    error_message = "site values: ${output.values}"
+  }
+  # The chart serves the namespace of site.hospital; both lists stay empty.
+  assert {
+    condition     = yamldecode(output.values).namespaces == { studies = [], hospitals = [] }
+    error_message = "site namespaces: ${output.values}"
+  }
+  assert {
+    condition     = yamldecode(output.values).networkPolicy == { apiServer = { cidrs = ["10.0.0.10/32"] }, coordinator = { cidrs = ["203.0.113.10/32"] } }
+    error_message = "site networkPolicy: ${output.values}"
+  }
+  assert {
+    condition     = !contains(keys(yamldecode(output.values)), "gateway") && length(kubernetes_namespace.study) == 0 && length(kubernetes_namespace.sites) == 0
+    error_message = "a site has no gateway, no study namespace, no sites namespace"
+  }
+  assert {
+    condition     = output.site_hospital == "hospital-st-mary/st-mary" && output.hospital_clients == { st-mary = "hospital-st-mary/st-mary" }
+    error_message = "the site's HospitalClient: ${jsonencode(output.hospital_clients)}"
+  }
+}
+
+run "rejects_unknown_role" {
+  command = plan
+  variables {
+    role = "hub"
+  }
+  expect_failures = [var.role]
+}
+
+run "rejects_coordinator_without_gateway_address" {
+  command = plan
+  variables {
+    role      = "coordinator"
+    hospitals = {}
+  }
+  expect_failures = [helm_release.caduceus]
+}
+
+run "rejects_coordinator_with_hospitals" {
+  command = plan
+  variables {
+    role    = "coordinator"
+    gateway = { address = "fl.example.org:7443" }
+  }
+  expect_failures = [helm_release.caduceus]
+}
+
+run "rejects_site_with_two_hospitals" {
+  command = plan
+  variables {
+    role              = "site"
+    study_namespaces  = []
+    coordinator_cidrs = ["203.0.113.10/32"]
+  }
+  expect_failures = [helm_release.caduceus]
+}
+
+run "rejects_site_without_coordinator_cidrs" {
+  command = plan
+  variables {
+    role             = "site"
+    study_namespaces = []
+    hospitals = {
+      st-mary = {
+        data           = { claim_name = "faces" }
+        privacy_budget = { epsilon = 8 }
+      }
+    }
+  }
+  expect_failures = [helm_release.caduceus]
+}
+
+run "rejects_gateway_address_without_port" {
+  command = plan
+  variables {
+    role      = "coordinator"
+    hospitals = {}
+    gateway   = { address = "fl.example.org", service_type = "NodePort" }
+  }
+  expect_failures = [var.gateway]
+}
+
+run "rejects_unknown_gateway_service_type" {
+  command = plan
+  variables {
+    role      = "coordinator"
+    hospitals = {}
+    gateway   = { address = "fl.example.org:7443", service_type = "Ingress" }
+  }
+  expect_failures = [var.gateway]
+}
