@@ -8,6 +8,9 @@
 //! - [`hospital_from_cert_der`]: what the aggregator calls on the verified peer certificate to learn which
 //!   hospital is speaking.
 //! - [`write_study_pki`] / [`TlsPaths`]: PEM files on disk, private keys written with mode 0600.
+//! - [`join`]: enrolling a site — [`JoinToken`]s, [`site_key_and_csr`], and [`StudyCa::sign_csr`],
+//!   which signs a site's request as a hospital client certificate. The gateway's server certificate
+//!   comes from [`StudyCa::issue_server`] of the same (sites) CA.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +20,10 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
+
+pub mod join;
+
+pub use join::{JoinToken, secret_hash, site_key_and_csr, verify_secret};
 
 /// Prefix of the URI SAN that names a hospital in its client certificate.
 pub const HOSPITAL_URI_PREFIX: &str = "caduceus://hospital/";
@@ -41,6 +48,15 @@ pub enum PkiError {
     NotClientCertificate,
     #[error("certificate names two different hospitals: URI SAN {uri:?} and common name {cn:?}")]
     ConflictingHospital { uri: String, cn: String },
+    #[error(
+        "invalid join token: {reason} (a join token is <id>.<secret>: an id of 6 and a secret of \
+         16 to 64 lower-case letters or digits)"
+    )]
+    InvalidJoinToken { reason: String },
+    #[error("invalid certificate signing request: {0}")]
+    Csr(String),
+    #[error("operating-system randomness unavailable: {0}")]
+    Randomness(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -217,6 +233,31 @@ impl StudyCa {
 
     /// Issues a hospital's client certificate: URI SAN `caduceus://hospital/<name>` and CN `<name>`.
     pub fn issue_hospital(&self, hospital: &str, lifetime: Duration) -> Result<CertifiedPem, PkiError> {
+        let params = self.hospital_params(hospital, lifetime)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedPem {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs a site's certificate signing request (PEM, e.g. from [`site_key_and_csr`]) as the client
+    /// certificate of `hospital`, returning the certificate PEM.
+    ///
+    /// Only the request's public key is used, after its self-signature verifies: the certificate is
+    /// exactly what [`issue_hospital`](Self::issue_hospital) makes for `hospital` (so
+    /// [`hospital_from_cert_der`] returns `hospital`), whatever names, usages or CA rights the request
+    /// asks for. Errors: [`PkiError::InvalidHospitalName`], [`PkiError::Csr`] for a request that is
+    /// not PEM, not PKCS#10, badly signed or of an unsupported key type.
+    pub fn sign_csr(&self, csr_pem: &str, hospital: &str, lifetime: Duration) -> Result<String, PkiError> {
+        let params = self.hospital_params(hospital, lifetime)?;
+        let public_key = join::csr_public_key(csr_pem)?;
+        Ok(params.signed_by(&public_key, &self.issuer)?.pem())
+    }
+
+    /// The parameters of a hospital's client certificate.
+    fn hospital_params(&self, hospital: &str, lifetime: Duration) -> Result<CertificateParams, PkiError> {
         validate_hospital_name(hospital)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = vec![SanType::URI(
@@ -230,12 +271,7 @@ impl StudyCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         validity(&mut params, lifetime);
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(CertifiedPem {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(params)
     }
 }
 

@@ -139,6 +139,18 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An X25519 sealing key is malformed or unusable.
+    #[error("invalid sealing key: {0}")]
+    BadSealKey(String),
+
+    /// A sealed study key does not open (its AEAD tag does not verify) with this site's sealing
+    /// key: it was sealed to another site's key, or altered or cut in transit.
+    #[error(
+        "sealed study key ({len} bytes) does not open with this site's sealing key (public key \
+         {recipient}): it was sealed to another site's key, or altered or truncated in transit"
+    )]
+    SealOpen { recipient: String, len: usize },
+
     /// The operating system's random number generator failed.
     #[error("operating-system randomness unavailable: {0}")]
     Randomness(String),

@@ -50,6 +50,7 @@ pub mod fingerprint;
 pub mod key;
 pub mod params;
 pub mod quant;
+pub mod seal;
 pub mod wire;
 
 pub use aggregate::{Accepted, Aggregator};
@@ -63,6 +64,7 @@ pub use fingerprint::Fingerprint;
 pub use key::StudyKey;
 pub use params::{SecAggParams, SumBounds};
 pub use quant::{dequantise_mean, dequantise_sum, quantise};
+pub use seal::SealKeyPair;
 
 /// Turns non-negative real weights (e.g. FedAvg example counts or FairFed weights) into
 /// integers summing exactly to `total` by the largest-remainder method, so they can weight an
