@@ -435,6 +435,8 @@ fn normalise_path(p: &str) -> String {
 
 /// A hospital's trainer Job for a round, in the hospital's namespace: its data volume read-only, its
 /// client certificate, the study key (secure aggregation only), no ServiceAccount token.
+/// `hospital_id` is the id its certificate carries and the aggregator admits: in one cluster
+/// `names::hospital_id` of the HospitalClient, at a site that of the coordinator's mirror.
 #[allow(clippy::too_many_arguments)]
 pub fn trainer_job(
     study: &FederatedStudy,
@@ -443,6 +445,7 @@ pub fn trainer_job(
     settings: &Settings,
     ep: &Endpoint,
     privacy: Option<&PrivacyPlan>,
+    hospital_id: &str,
     traceparent: Option<&str>,
 ) -> Job {
     let sns = study.namespace().unwrap_or_default();
@@ -458,10 +461,7 @@ pub fn trainer_job(
         .map(|a| attribute_name(*a))
         .collect();
     let mut e = vec![
-        (
-            "CADUCEUS_HOSPITAL",
-            names::hospital_id(&hns, &hospital.name_any()),
-        ),
+        ("CADUCEUS_HOSPITAL", hospital_id.to_string()),
         ("CADUCEUS_STUDY_ID", names::study_id(&sns, &name)),
         (
             "CADUCEUS_SHARD",
@@ -700,7 +700,8 @@ spec:
         let s = settings(EndpointMode::Service);
         let ep = endpoint(&st, &s, None).unwrap();
         let plan = plan::privacy_plan(&st.spec).unwrap();
-        let job = trainer_job(&st, &round, &hospital(), &s, &ep, plan.as_ref(), None);
+        let id = names::hospital_id("north", "st-mary");
+        let job = trainer_job(&st, &round, &hospital(), &s, &ep, plan.as_ref(), &id, None);
         assert_eq!(job.metadata.namespace.as_deref(), Some("north"));
         let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false));
@@ -762,6 +763,7 @@ spec:
                 &s,
                 &ep,
                 plan.as_ref(),
+                "north-st-mary",
                 None,
             ))
         };

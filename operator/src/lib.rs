@@ -27,6 +27,7 @@ pub mod plan;
 pub mod round;
 pub mod secrets;
 pub mod signing;
+pub mod site;
 pub mod study;
 pub mod telemetry;
 

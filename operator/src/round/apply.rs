@@ -204,6 +204,7 @@ impl<'a> Applier<'a> {
             &ctx.settings,
             ep,
             round.spec.privacy.as_ref(),
+            &names::hospital_id(hns, hname),
             Some(&super::traceparent(round, &round.spec.participants[i])),
         );
         create_job(&Api::namespaced(ctx.client.clone(), hns), &want).await
