@@ -53,6 +53,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// How often a running study or round is looked at even without a watch event.
     pub poll: Duration,
+    /// The site gateway (coordinator role): participants in its sites namespace are sites, whose
+    /// trainers are run through it instead of the local API.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
     signing_key: tokio::sync::OnceCell<Vec<u8>>,
 }
 
@@ -65,6 +68,7 @@ impl Context {
             metrics,
             recorder,
             poll: Duration::from_secs(15),
+            gateway: None,
             signing_key: tokio::sync::OnceCell::new(),
         }
     }

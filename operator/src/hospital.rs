@@ -68,13 +68,18 @@ async fn apply(h: Arc<HospitalClient>, ctx: Arc<Context>) -> Result<Action> {
     let name = h.name_any();
     let api: Api<HospitalClient> = Api::namespaced(ctx.client.clone(), &ns);
     // (A namespace the operator does not serve never gets here: `reconcile` leaves it alone.)
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let claim = &h.spec.data.claim_name;
-    let phase = match pvcs.get_opt(claim).await? {
-        Some(p) => Some(p.status.and_then(|s| s.phase).unwrap_or_else(|| "Pending".into())),
-        None => None,
+    let (st, reason, msg) = if crate::gateway::mirror::is_mirror(&h) {
+        // A coordinator's copy of a site: its data is in the site's cluster; the site says.
+        crate::gateway::mirror::readiness(&h)
+    } else {
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+        let phase = match pvcs.get_opt(claim).await? {
+            Some(p) => Some(p.status.and_then(|s| s.phase).unwrap_or_else(|| "Pending".into())),
+            None => None,
+        };
+        readiness(claim, phase.as_deref())
     };
-    let (st, reason, msg) = readiness(claim, phase.as_deref());
     // The durable ledger exists for every hospital (seeded from an older status mirror once), and
     // its mirror is restored into a re-created HospitalClient.
     let opns = ctx.settings.operator_namespace.clone();

@@ -19,6 +19,7 @@
 
 pub mod build;
 pub mod context;
+pub mod gateway;
 pub mod hospital;
 pub mod leader;
 pub mod ledger;

@@ -10,7 +10,7 @@ use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound};
 use caduceus_operator::build::{EndpointMode, Settings};
 use caduceus_operator::leader::LeaderElector;
 use caduceus_operator::telemetry::{self, Metrics};
-use caduceus_operator::{Context, hospital, names, round, study};
+use caduceus_operator::{Context, gateway, hospital, names, round, site, study};
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -18,9 +18,75 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 
+/// What this instance is (docs/sites.md).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Coordinator and hospitals in one cluster (the default).
+    All,
+    /// The study owner's cluster: studies, rounds, aggregators and the site gateway.
+    Coordinator,
+    /// A hospital's own cluster: its HospitalClient, trainer Jobs and privacy ledger; dials out.
+    Site,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Join tokens for sites (coordinator).
+    #[command(subcommand, name = "join-token")]
+    JoinToken(JoinTokenCommand),
+    /// Enrolled sites (coordinator).
+    #[command(subcommand)]
+    Site(SiteCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum JoinTokenCommand {
+    /// Makes a one-time join token for a hospital and prints the Secret to apply in its cluster.
+    Create {
+        /// The coordinator's name for the hospital (its mirror's name in --sites-namespace).
+        #[arg(long)]
+        hospital: String,
+        /// How long the token can be used.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_seconds: i64,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum SiteCommand {
+    /// Removes a hospital: its certificate is refused from now on, its stream is cut, its mirror deleted.
+    Remove {
+        #[arg(long)]
+        hospital: String,
+    },
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "caduceus-operator", version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// `all` (one cluster), `coordinator` or `site`.
+    #[arg(long, env = "CADUCEUS_ROLE", value_enum, default_value = "all")]
+    role: Role,
+    /// Coordinator: where the site gateway listens.
+    #[arg(long, env = "CADUCEUS_GATEWAY_LISTEN", default_value = "0.0.0.0:7443")]
+    gateway_listen: SocketAddr,
+    /// Coordinator: the `host:port` sites dial (written into join bundles).
+    #[arg(long, env = "CADUCEUS_GATEWAY_ADDRESS")]
+    gateway_address: Option<String>,
+    /// Coordinator: extra DNS names or IPs on the gateway's certificate (comma-separated).
+    #[arg(long, env = "CADUCEUS_GATEWAY_SERVER_NAME", value_delimiter = ',')]
+    gateway_server_name: Vec<String>,
+    /// Coordinator: the namespace of the sites' mirror HospitalClients (always served).
+    #[arg(long, env = "CADUCEUS_SITES_NAMESPACE", default_value = "caduceus-sites")]
+    sites_namespace: String,
+    /// Site: the site's own HospitalClient, `<namespace>/<name>`.
+    #[arg(long, env = "CADUCEUS_HOSPITAL")]
+    hospital: Option<String>,
+    /// Site: the join Secret (in --namespace) with `token`, `gateway-address` and `ca.crt`.
+    #[arg(long, env = "CADUCEUS_JOIN_SECRET", default_value = "caduceus-join")]
+    join_secret: String,
     /// The operator's own namespace (the leader Lease and the studies' TFHE master keys live here).
     #[arg(long, env = "CADUCEUS_NAMESPACE", default_value = "caduceus-system")]
     namespace: String,
@@ -76,6 +142,55 @@ fn job_to_round(job: Job) -> Option<ObjectRef<TrainingRound>> {
     Some(ObjectRef::new(&names::round_name(study, round, attempt)).within(ns))
 }
 
+/// The site role: the agent's stream to the coordinator and the hospital controller for the
+/// site's own HospitalClient; no study or round controller, no listening port but metrics.
+async fn run_site(
+    args: &Args,
+    client: Client,
+    mut settings: Settings,
+    metrics: Arc<Metrics>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+    mut lost_rx: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let Some((hns, hname)) = args.hospital.as_deref().and_then(|h| h.split_once('/')) else {
+        anyhow::bail!("--role site needs --hospital <namespace>/<name> (the site's own HospitalClient)");
+    };
+    let served = settings.watch_namespaces.get_or_insert_with(Default::default);
+    served.insert(hns.to_string());
+    let cfg = site::SiteConfig {
+        operator_namespace: args.namespace.clone(),
+        hospital_namespace: hns.to_string(),
+        hospital: hname.to_string(),
+        join_secret: args.join_secret.clone(),
+        settings: settings.clone(),
+    };
+    let ctx = Arc::new(Context::new(client.clone(), settings, metrics.clone()));
+    let hospitals: Api<HospitalClient> = Api::namespaced(client.clone(), hns);
+    let mut rx = stop_rx.clone();
+    let hospital_ctl = Controller::new(hospitals, watcher::Config::default())
+        .graceful_shutdown_on(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+        .run(hospital::reconcile, hospital::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()));
+    let agent = site::run(client, cfg, metrics, stop_rx.clone());
+    tokio::pin!(agent);
+    tracing::info!(hospital = ?args.hospital, "site agent started");
+    let lost = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = lost_rx.wait_for(|l| *l) => true,
+        r = &mut agent => { r?; false }
+        _ = hospital_ctl => false,
+    };
+    let _ = stop_tx.send(true);
+    if lost {
+        std::process::exit(1);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -87,6 +202,40 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let client = Client::try_default().await?;
+    let gateway_address = args.gateway_address.clone().unwrap_or_else(|| {
+        format!(
+            "caduceus-gateway.{}.svc:{}",
+            args.namespace,
+            args.gateway_listen.port()
+        )
+    });
+    match &args.command {
+        Some(Command::JoinToken(JoinTokenCommand::Create {
+            hospital,
+            ttl_seconds,
+        })) => {
+            let (token, manifest) = gateway::enrol::create_join_token(
+                &client,
+                &args.namespace,
+                hospital,
+                *ttl_seconds,
+                &gateway_address,
+            )
+            .await?;
+            eprintln!(
+                "join token {} for hospital {hospital} (valid {ttl_seconds} s); apply this Secret in the site's operator namespace:",
+                token.id
+            );
+            print!("{manifest}");
+            return Ok(());
+        }
+        Some(Command::Site(SiteCommand::Remove { hospital })) => {
+            gateway::enrol::remove_site(&client, &args.namespace, &args.sites_namespace, hospital).await?;
+            eprintln!("removed site {hospital}: its certificate is refused from now on");
+            return Ok(());
+        }
+        None => {}
+    }
     let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     {
@@ -165,7 +314,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
-    let settings = Settings {
+    let mut settings = Settings {
         operator_namespace: args.namespace.clone(),
         trainer_image: args.trainer_image.clone(),
         aggregator_image: args.aggregator_image.clone(),
@@ -177,10 +326,54 @@ async fn main() -> anyhow::Result<()> {
                 .collect()
         }),
     };
+    if args.role == Role::Coordinator
+        && let Some(w) = settings.watch_namespaces.as_mut()
+    {
+        w.insert(args.sites_namespace.clone());
+    }
+    if args.role == Role::Site {
+        return run_site(&args, client, settings, metrics, stop_tx, stop_rx, lost_rx).await;
+    }
     if let Some(w) = &settings.watch_namespaces {
         tracing::info!(namespaces = ?w, "serving only these namespaces");
     }
-    let ctx = Arc::new(Context::new(client.clone(), settings, metrics.clone()));
+    let mut ctx = Context::new(client.clone(), settings, metrics.clone());
+    if args.role == Role::Coordinator {
+        let mut names = vec!["127.0.0.1".to_string()];
+        names.extend(
+            args.gateway_server_name
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty()),
+        );
+        if let Some(host) = gateway_address.rsplit_once(':').map(|(h, _)| h.to_string()) {
+            names.push(host);
+        }
+        names.push(format!("caduceus-gateway.{}.svc", args.namespace));
+        names.sort();
+        names.dedup();
+        let (gw, rx) = gateway::Gateway::new(gateway::GatewayConfig {
+            listen: args.gateway_listen,
+            address: gateway_address.clone(),
+            server_names: names,
+            sites_namespace: args.sites_namespace.clone(),
+        });
+        ctx.gateway = Some(Arc::new(gw));
+        // Sites report over the stream, not through watch events: look at running rounds often.
+        // (kube's `reconcile_on` is still an unstable feature.)
+        ctx.poll = Duration::from_secs(3);
+        drop(rx);
+    }
+    let ctx = Arc::new(ctx);
+    if let Some(gw) = ctx.gateway.clone() {
+        let (c, rx) = (ctx.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = gateway::server::serve(gw, c, rx).await {
+                tracing::error!("site gateway: {e:#}");
+                std::process::exit(1);
+            }
+        });
+    }
     let managed =
         watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGED_BY));
 

@@ -158,13 +158,10 @@ pub const ANNOTATION_SITE_READY: &str = "fl.caduceus.dev/site-ready";
 /// The label of a mirror: the site's hospital name.
 pub const LABEL_SITE: &str = "fl.caduceus.dev/site";
 
-/// The Secret (coordinator, operator namespace) of a study's sealed TFHE key blobs, one per hospital id,
-/// and the key's fingerprint (the coordinator cannot open them).
-pub fn sealed_key_secret(study_namespace: &str, study: &str) -> String {
-    format!(
-        "sealed-{study}-{}",
-        short_hash(&format!("{study_namespace}/{study}"), 8)
-    )
+/// The Secret (coordinator, operator namespace) of a study's sealed TFHE key blobs, one per site,
+/// and the key's fingerprint (the coordinator cannot open them), by study id.
+pub fn sealed_key_secret(study_id: &str) -> String {
+    label_join("sealed", &format!("{}-{}", short_hash(study_id, 8), study_id))
 }
 
 /// The Service DNS name trainers dial and the aggregator's certificate names.

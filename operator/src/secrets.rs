@@ -71,6 +71,11 @@ async fn create_or_get(api: &Api<Secret>, s: &Secret) -> Result<Secret> {
     }
 }
 
+/// Writes a Secret by server-side apply under the operator's field manager.
+pub(crate) async fn apply_secret(api: &Api<Secret>, s: &Secret) -> Result<Secret> {
+    apply(api, s).await
+}
+
 async fn apply(api: &Api<Secret>, s: &Secret) -> Result<Secret> {
     Ok(api
         .patch(

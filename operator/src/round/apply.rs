@@ -15,13 +15,16 @@ use super::machine::{Action, Observations, RoundResults, RoundState, Settlement}
 use super::observe::World;
 use crate::context::{Context, Error, Result};
 use crate::secrets::{self, StudyTrust};
-use crate::{build, ledger, names};
+use crate::{build, gateway, ledger, names};
+use caduceus_proto::v1::{Assignment, AssignmentPhase, AssignmentState};
 
 /// The study's secrets, made once per reconcile when an action first needs them.
 struct StudySecrets {
     trust: StudyTrust,
-    /// The TFHE key and its fingerprint, with TFHE.
+    /// The TFHE key and its fingerprint, with TFHE in one cluster.
     key: Option<(Vec<u8>, String)>,
+    /// The key's fingerprint with TFHE (in sites mode the coordinator knows only this).
+    fingerprint: Option<String>,
 }
 
 /// Applies actions for one round within one reconcile.
@@ -75,7 +78,10 @@ impl<'a> Applier<'a> {
                     let jobs: Api<Job> = Api::namespaced(self.ctx.client.clone(), &self.ns());
                     delete_job(&jobs, &names::aggregator_job(&self.round.name_any())).await?;
                 }
+                Action::CreateTrainerJob(i) if self.site(i).is_some() => self.assign_site(i).await?,
                 Action::CreateTrainerJob(i) => self.create_trainer(i).await?,
+                // A site's start is recorded once the site has accepted (reserved in its own ledger).
+                Action::MarkStarted(i) if self.site(i).is_some() && !self.site_accepted(i) => {}
                 Action::MarkStarted(i) => {
                     let (hns, hname) = self.participant(i);
                     ledger::mark_started(
@@ -88,6 +94,7 @@ impl<'a> Applier<'a> {
                     )
                     .await?;
                 }
+                Action::ResumeTrainerJob(i) if self.site(i).is_some() => self.start_site(i).await?,
                 Action::ResumeTrainerJob(i) => {
                     let (hns, hname) = self.participant(i);
                     Api::<Job>::namespaced(self.ctx.client.clone(), hns)
@@ -98,12 +105,24 @@ impl<'a> Applier<'a> {
                         )
                         .await?;
                 }
+                Action::DeleteTrainerJob(i) if self.site(i).is_some() => {
+                    if let Some((gw, site)) = self.site(i) {
+                        gw.cancel(
+                            site,
+                            &self.assignment_id(i),
+                            "the round ended before this trainer started",
+                        );
+                    }
+                }
                 Action::DeleteTrainerJob(i) => {
                     let (hns, hname) = self.participant(i);
                     let jobs: Api<Job> = Api::namespaced(self.ctx.client.clone(), hns);
                     delete_job(&jobs, &self.trainer_job(hname)).await?;
                 }
-                Action::Settle => obs.settled = Some(self.settle().await?),
+                Action::Settle => {
+                    obs.settled = Some(self.settle().await?);
+                    self.cancel_unstarted_sites();
+                }
                 Action::WriteStatus => write_status(self.ctx, self.round, &state.status).await?,
                 Action::Event {
                     warning,
@@ -145,12 +164,33 @@ impl<'a> Applier<'a> {
             let operator_ns = &self.ctx.settings.operator_namespace;
             let trust = secrets::ensure_ca(client, operator_ns, study).await?;
             secrets::ensure_aggregator_tls(client, study, &trust).await?;
-            let key = if study.spec.secure_aggregation.mode == SecureAggregationMode::Tfhe {
-                Some(secrets::ensure_master_key(client, operator_ns, study).await?)
-            } else {
-                None
+            let tfhe = study.spec.secure_aggregation.mode == SecureAggregationMode::Tfhe;
+            let sites: Vec<String> = (0..self.round.spec.participants.len())
+                .filter_map(|i| self.site(i).map(|(_, s)| s.to_string()))
+                .collect();
+            let (key, fingerprint) = match (&self.ctx.gateway, tfhe) {
+                (_, false) => (None, None),
+                // Sites mode: the sites make and seal the key; the coordinator relays and never holds it.
+                (Some(gw), true) if !sites.is_empty() => {
+                    let id = names::study_id(&self.ns(), &study.name_any());
+                    let Some(fp) = gateway::keys::ensure(gw, client, operator_ns, &id, &sites).await? else {
+                        return Err(Error::Key(format!(
+                            "waiting for a site to seal study {id}'s key to every participant ({})",
+                            sites.join(", ")
+                        )));
+                    };
+                    (None, Some(fp))
+                }
+                _ => {
+                    let (bytes, fp) = secrets::ensure_master_key(client, operator_ns, study).await?;
+                    (Some((bytes, fp.clone())), Some(fp))
+                }
             };
-            self.secrets = Some(StudySecrets { trust, key });
+            self.secrets = Some(StudySecrets {
+                trust,
+                key,
+                fingerprint,
+            });
         }
         Ok(self.secrets.as_ref().expect("set above"))
     }
@@ -170,7 +210,7 @@ impl<'a> Applier<'a> {
                 names::hospital_id(hns, hname)
             })
             .collect();
-        let fingerprint = self.study_secrets().await?.key.as_ref().map(|(_, fp)| fp.clone());
+        let fingerprint = self.study_secrets().await?.fingerprint.clone();
         let want = build::aggregator_job(
             study,
             round,
@@ -208,6 +248,142 @@ impl<'a> Applier<'a> {
             Some(&super::traceparent(round, &round.spec.participants[i])),
         );
         create_job(&Api::namespaced(ctx.client.clone(), hns), &want).await
+    }
+
+    /// The gateway and site name of participant `i`, when it is a site (coordinator role).
+    fn site(&self, i: usize) -> Option<(&'a gateway::Gateway, &'a str)> {
+        let gw = self.ctx.gateway.as_deref()?;
+        gw.site_of(&self.round.spec.participants[i]).map(|s| (gw, s))
+    }
+
+    fn assignment_id(&self, i: usize) -> String {
+        names::assignment_id(
+            &self.ns(),
+            &self.round.name_any(),
+            self.round.spec.study_uid.as_deref().unwrap_or_default(),
+            &self.round.spec.participants[i],
+        )
+    }
+
+    fn site_state(&self, i: usize) -> Option<AssignmentState> {
+        self.site(i).and_then(|(gw, _)| gw.state(&self.assignment_id(i)))
+    }
+
+    fn site_accepted(&self, i: usize) -> bool {
+        self.site_state(i)
+            .is_some_and(|s| s.phase() == AssignmentPhase::Accepted)
+    }
+
+    /// Sends participant `i`'s site its assignment: copies of the study and the (signed) round,
+    /// where to dial, the study CA, and the study key sealed to it.
+    async fn assign_site(&mut self, i: usize) -> Result<()> {
+        let (ctx, round, world) = (self.ctx, self.round, self.world);
+        let Some((gw, site)) = self.site(i) else {
+            return Ok(());
+        };
+        let study = world.study.as_ref().ok_or_else(|| missing("the study"))?;
+        let ep = world.endpoint.as_ref().ok_or_else(|| missing("the endpoint"))?;
+        let tfhe = study.spec.secure_aggregation.mode == SecureAggregationMode::Tfhe;
+        let bundle = self.study_secrets().await?.trust.bundle.clone();
+        let fingerprint = self
+            .study_secrets()
+            .await?
+            .fingerprint
+            .clone()
+            .unwrap_or_default();
+        let sealed = if tfhe {
+            let id = names::study_id(&self.ns(), &study.name_any());
+            let set = gateway::keys::load(&ctx.client, &ctx.settings.operator_namespace, &id).await?;
+            if set.holders.iter().any(|h| h == site) {
+                Vec::new()
+            } else {
+                set.blobs
+                    .get(site)
+                    .cloned()
+                    .ok_or_else(|| Error::Key(format!("no study key sealed to site {site} yet")))?
+            }
+        } else {
+            Vec::new()
+        };
+        let mut study_copy = study.clone();
+        study_copy.metadata.managed_fields = None;
+        let mut round_copy = round.clone();
+        round_copy.metadata.managed_fields = None;
+        let created = round.metadata.creation_timestamp.as_ref().map_or_else(
+            || k8s_openapi::jiff::Timestamp::now().as_second(),
+            |t| t.0.as_second(),
+        );
+        let a = Assignment {
+            id: self.assignment_id(i),
+            hospital: round.spec.participants[i].clone(),
+            study_json: serde_json::to_string(&study_copy).map_err(|e| Error::Other(e.to_string()))?,
+            round_json: serde_json::to_string(&round_copy).map_err(|e| Error::Other(e.to_string()))?,
+            consent_hash: round.spec.consent_hash.clone().unwrap_or_default(),
+            aggregator_address: ep.address.clone(),
+            server_name: ep.server_name.clone(),
+            study_ca_pem: bundle,
+            sealed_study_key: sealed,
+            key_fingerprint: fingerprint,
+            issued_at: k8s_openapi::jiff::Timestamp::now().as_second(),
+            expires_at: created + build::round_max_life_secs(study),
+        };
+        gw.assign(site, a);
+        Ok(())
+    }
+
+    /// Starts an accepted site trainer whose start is on record: signs the CSR it sent with the
+    /// study CA, as the participant's hospital id (what the aggregator admits).
+    async fn start_site(&mut self, i: usize) -> Result<()> {
+        let Some((gw, site)) = self.site(i) else {
+            return Ok(());
+        };
+        let Some(state) = self
+            .site_state(i)
+            .filter(|s| s.phase() == AssignmentPhase::Accepted)
+        else {
+            return Ok(());
+        };
+        let (hns, hname) = self.participant(i);
+        let started = ledger::load(
+            &self.ctx.client,
+            &self.ctx.settings.operator_namespace,
+            hns,
+            hname,
+        )
+        .await?
+        .is_some_and(|d| d.started.contains(&super::ledger_key(self.round)));
+        if !started {
+            return Ok(());
+        }
+        let trust = &self.study_secrets().await?.trust;
+        let cert = trust
+            .ca
+            .sign_csr(
+                &state.csr_pem,
+                &names::hospital_id(hns, hname),
+                secrets::LEAF_LIFETIME,
+            )
+            .map_err(|e| Error::Other(format!("site {site}'s trainer certificate request: {e}")))?;
+        gw.start(site, &self.assignment_id(i), cert);
+        Ok(())
+    }
+
+    /// After settlement: every site assignment that never started is cancelled at its site.
+    fn cancel_unstarted_sites(&self) {
+        for i in 0..self.round.spec.participants.len() {
+            let Some((gw, site)) = self.site(i) else { continue };
+            let phase = self.site_state(i).map(|s| s.phase());
+            if matches!(
+                phase,
+                None | Some(AssignmentPhase::Accepted | AssignmentPhase::Unspecified)
+            ) {
+                gw.cancel(
+                    site,
+                    &self.assignment_id(i),
+                    "the round ended before this trainer started",
+                );
+            }
+        }
     }
 
     /// Settles every participant's ledger for the round; ε after it per participant (DP only).

@@ -196,11 +196,22 @@ pub async fn observe(ctx: &Context, round: &TrainingRound) -> Result<(Observatio
         } else {
             HospitalView::Withdrawn
         };
-        let tname = names::trainer_job(&ns, &round.name_any(), hname);
-        let job = Api::<Job>::namespaced(ctx.client.clone(), hns)
-            .get_opt(&tname)
-            .await?;
-        t.job = job_view(job.as_ref());
+        if let Some(gw) = ctx.gateway.as_ref().filter(|g| g.site_of(r).is_some()) {
+            // A site's trainer runs in its own cluster: what the site last reported stands for its Job.
+            let id = names::assignment_id(
+                &ns,
+                &round.name_any(),
+                round.spec.study_uid.as_deref().unwrap_or_default(),
+                r,
+            );
+            t.job = crate::gateway::job_view(gw.state(&id).as_ref());
+        } else {
+            let tname = names::trainer_job(&ns, &round.name_any(), hname);
+            let job = Api::<Job>::namespaced(ctx.client.clone(), hns)
+                .get_opt(&tname)
+                .await?;
+            t.job = job_view(job.as_ref());
+        }
         if t.job == JobView::Absent && t.hospital == HospitalView::Admitted {
             t.started = ledger::load(&ctx.client, &ctx.settings.operator_namespace, hns, hname)
                 .await?
