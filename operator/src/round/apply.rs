@@ -173,7 +173,17 @@ impl<'a> Applier<'a> {
                 // Sites mode: the sites make and seal the key; the coordinator relays and never holds it.
                 (Some(gw), true) if !sites.is_empty() => {
                     let id = names::study_id(&self.ns(), &study.name_any());
-                    let Some(fp) = gateway::keys::ensure(gw, client, operator_ns, &id, &sites).await? else {
+                    // A connected site answers a key request within milliseconds: wait a little
+                    // rather than fail the reconcile (and back off for seconds).
+                    let mut fp = None;
+                    for _ in 0..20 {
+                        fp = gateway::keys::ensure(gw, client, operator_ns, &id, &sites).await?;
+                        if fp.is_some() {
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                    }
+                    let Some(fp) = fp else {
                         return Err(Error::Key(format!(
                             "waiting for a site to seal study {id}'s key to every participant ({})",
                             sites.join(", ")
