@@ -108,11 +108,20 @@ fn validate_label(s: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A certificate and its private key, PEM encoded.
-#[derive(Debug, Clone)]
+/// A certificate and its private key, PEM encoded. `Debug` leaves the private key out.
+#[derive(Clone)]
 pub struct CertifiedPem {
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertifiedPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifiedPem")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 /// A study's certificate authority: signs the aggregator's server certificate and hospital client
@@ -349,12 +358,22 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
-/// TLS material read from disk, PEM encoded.
-#[derive(Debug, Clone)]
+/// TLS material read from disk, PEM encoded. `Debug` leaves the private key out.
+#[derive(Clone)]
 pub struct TlsPem {
     pub ca_cert: String,
     pub cert: String,
     pub key: String,
+}
+
+impl std::fmt::Debug for TlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsPem")
+            .field("ca_cert", &self.ca_cert)
+            .field("cert", &self.cert)
+            .field("key", &"<redacted>")
+            .finish()
+    }
 }
 
 impl TlsPaths {
@@ -464,6 +483,21 @@ pub fn write_study_pki(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_leaves_private_keys_out() {
+        let ca = StudyCa::generate("study-1", DEFAULT_VALIDITY).unwrap();
+        let c = ca.issue_hospital("st-marys", DEFAULT_VALIDITY).unwrap();
+        let secret_line = c.key_pem.lines().nth(1).unwrap().to_string();
+        assert!(!format!("{c:?}").contains(&secret_line));
+        let t = TlsPem {
+            ca_cert: ca.cert_pem().into(),
+            cert: c.cert_pem.clone(),
+            key: c.key_pem.clone(),
+        };
+        assert!(!format!("{t:?}").contains(&secret_line));
+        assert!(format!("{t:?}").contains("<redacted>"));
+    }
 
     #[test]
     fn hospital_identity_comes_from_uri_san() {
