@@ -57,7 +57,8 @@ async fn main() -> anyhow::Result<()> {
     let mut sent = 0usize;
     for i in 0..args.sites {
         let name = format!("swarm-{i:03}");
-        let (token, _) = enrol::create_join_token(&client, &args.namespace, &name, 600, &args.gateway).await?;
+        let (token, _) =
+            enrol::create_join_token(&client, &args.namespace, &name, 600, &args.gateway).await?;
         let (key, csr) = caduceus_pki::site_key_and_csr(&name)?;
         let enrol_req = EnrolRequest {
             token: token.to_string(),
@@ -68,7 +69,8 @@ async fn main() -> anyhow::Result<()> {
             .enrol(enrol_req)
             .await?
             .into_inner();
-        let mut gw = SiteGatewayClient::new(channel(&args.gateway, &ca_pem, Some((&resp.cert_pem, &key))).await?);
+        let mut gw =
+            SiteGatewayClient::new(channel(&args.gateway, &ca_pem, Some((&resp.cert_pem, &key))).await?);
         let hello = SiteHello {
             hospital_spec_json: serde_json::json!({
                 "data": {"claimName": "data"},
