@@ -55,6 +55,21 @@ e2e: ## Tests against the real local control plane (starts and stops it), the He
 	export CADUCEUS_HELM=$$(tools/helm/build.sh) CADUCEUS_PROMETHEUS_CRDS=$$(tools/prometheus-operator/crds.sh); \
 	trap 'e2e/cluster.sh down' EXIT; KUBECONFIG=$(KUBECONFIG_FILE) $(CARGO) test -p caduceus-e2e -- --test-threads=1
 
+# The sites test (docs/sites.md) starts three clusters of its own (coordinator, two hospitals) under
+# SITES_DIR (e2e/sites.sh up|down|status for a look by hand); the trap stops them even when the test is killed.
+SITES_DIR ?= /tmp/sites-e2e/$(shell id -u)
+SITES_DOWN := CADUCEUS_SITES_DIR=$(SITES_DIR) e2e/sites.sh down
+
+.PHONY: e2e-sites
+e2e-sites: build controlplane ## Sites: a coordinator and two hospital clusters, a TFHE + DP-SGD study, fault cases
+	trap '$(SITES_DOWN)' EXIT; CADUCEUS_SITES_E2E=1 CADUCEUS_SITES_DIR=$(SITES_DIR) \
+	  $(CARGO) test -p caduceus-e2e --test sites -- --test-threads=1 --nocapture
+
+.PHONY: e2e-sites-long
+e2e-sites-long: build controlplane ## The sites test with more rounds (CADUCEUS_SITES_LONG=1)
+	trap '$(SITES_DOWN)' EXIT; CADUCEUS_SITES_E2E=1 CADUCEUS_SITES_LONG=1 CADUCEUS_SITES_DIR=$(SITES_DIR) \
+	  $(CARGO) test -p caduceus-e2e --test sites -- --test-threads=1 --nocapture
+
 .PHONY: helm
 helm: ## Build (once, cached by version) the Helm CLI from its Go module; prints its path
 	tools/helm/build.sh
@@ -83,7 +98,7 @@ images: ## Build the operator, trainer and aggregator images (needs Docker with 
 packaging: chart-check argocd-check terraform-check images-check ## Every packaging check that needs no cluster
 
 .PHONY: test
-test: lint check-crds build controlplane unit packaging e2e ## Everything CI runs
+test: lint check-crds build controlplane unit packaging e2e e2e-sites ## Everything CI runs
 	@echo "make test: all checks passed"
 
 # Results of `make demo` (a directory; replaced on each run). Extra simulate flags: DEMO_FLAGS="--rounds 3".
@@ -149,6 +164,12 @@ bench: ## Benchmarks, each reported as a ratio against a baseline measured in th
 bench-operator: build controlplane ## Operator RSS and reconcile throughput with 200 hospitals and 20 studies (local control plane)
 	$(MAKE) cluster-up
 	trap 'e2e/cluster.sh down' EXIT; KUBECONFIG=$(KUBECONFIG_FILE) bench/operator.sh
+
+.PHONY: bench-sites
+bench-sites: build controlplane ## Site gateway memory with SITES (50) simulated sites connected vs none (local control plane)
+	$(CARGO) build -q -p caduceus-operator --examples
+	$(MAKE) cluster-up
+	trap 'e2e/cluster.sh down' EXIT; KUBECONFIG=$(KUBECONFIG_FILE) bench/sites.sh
 
 # Short fuzz run of the secure-aggregation wire decoder (needs a nightly toolchain and cargo-fuzz).
 FUZZ_SECS ?= 30
