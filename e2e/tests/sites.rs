@@ -837,7 +837,7 @@ async fn sites_federate_without_inbound_connections() {
     // 3. A site partitioned past the deadline: SIGSTOP its agent and trainers, the study completes
     //    on quorum; SIGCONT, and the site's ledger holds that round at most once.
     let part = "partition";
-    let deadline = 40;
+    let deadline = 30;
     let b_before = sites[1].jobs().await.len();
     start_study(
         &coord,
@@ -928,7 +928,7 @@ async fn sites_federate_without_inbound_connections() {
         &cc,
         &sites,
         over,
-        &study(over, network, 1, 1, 60, false),
+        &study(over, network, 1, 1, 30, false),
         true,
     )
     .await;
@@ -1017,6 +1017,13 @@ async fn sites_federate_without_inbound_connections() {
             && b_mirror.spec == b_mirror_before.spec,
         "B's mirror changed after a SiteHello over A's certificate: {:?}",
         b_mirror
+    );
+    // The gateway took that hello as A's (its certificate's) or dropped it: either way not B's.
+    let a_mirror = mirrors.get(&sites[0].name).await.unwrap();
+    eprintln!(
+        "sites: A's mirror after that hello: claims-to-be label {:?}, budget {}",
+        a_mirror.labels().get("caduceus.dev/claims-to-be"),
+        a_mirror.spec.privacy_budget.epsilon
     );
     clock.phase("used join token refused; A's certificate cannot write B's mirror");
 
