@@ -1104,6 +1104,18 @@ async fn sites_federate_without_inbound_connections() {
         !expected.is_empty(),
         "the connection sampling never saw the coordinator's own API connection: it sees nothing"
     );
+    let watched: Vec<String> = watch
+        .watched
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, c)| format!("{c}[{p}]"))
+        .collect();
+    eprintln!("sites: coordinator processes watched: {watched:?}");
+    assert!(
+        watched.iter().any(|c| c.starts_with("caduceus-aggre")),
+        "the aggregator processes were never among the watched: {watched:?}"
+    );
     for s in ["site-a", "site-b"] {
         let ev = audit_events(&audit(s));
         assert!(!ev.is_empty(), "no audit events in {}", audit(s).display());

@@ -461,6 +461,8 @@ pub struct ConnectionWatch {
     pub forbidden_seen: Arc<Mutex<BTreeSet<SeenConnection>>>,
     pub expected_seen: Arc<Mutex<BTreeSet<SeenConnection>>>,
     pub samples: Arc<Mutex<u64>>,
+    /// Every (pid, command name) that was sampled at least once.
+    pub watched: Arc<Mutex<BTreeSet<(i32, String)>>>,
 }
 
 impl ConnectionWatch {
@@ -474,11 +476,13 @@ impl ConnectionWatch {
         let forbidden_seen = Arc::new(Mutex::new(BTreeSet::new()));
         let expected_seen = Arc::new(Mutex::new(BTreeSet::new()));
         let samples = Arc::new(Mutex::new(0u64));
-        let (s, f, e, n) = (
+        let watched = Arc::new(Mutex::new(BTreeSet::new()));
+        let (s, f, e, n, w) = (
             stop.clone(),
             forbidden_seen.clone(),
             expected_seen.clone(),
             samples.clone(),
+            watched.clone(),
         );
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -488,6 +492,7 @@ impl ConnectionWatch {
                         .unwrap_or_default()
                         .trim()
                         .to_string();
+                    w.lock().unwrap().insert((pid, comm.clone()));
                     for inode in socket_inodes(pid) {
                         // Listening sockets (state 0x0A) have remote port 0.
                         let Some(&(port, st)) = table.get(&inode) else {
@@ -518,6 +523,7 @@ impl ConnectionWatch {
             forbidden_seen,
             expected_seen,
             samples,
+            watched,
         }
     }
 
