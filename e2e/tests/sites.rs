@@ -1267,6 +1267,7 @@ async fn site_handler(s: &Site) -> caduceus_operator::site::Site {
             trainer_image: "unused".into(),
             aggregator_image: "unused".into(),
             endpoint_mode: caduceus_operator::build::EndpointMode::Loopback,
+            public_host: None,
             watch_namespaces: None,
         },
         me: id.hospital.clone(),

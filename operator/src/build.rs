@@ -25,6 +25,10 @@ pub enum EndpointMode {
     /// Through 127.0.0.1 and the Service's allocated node port, with the Service's DNS name as TLS
     /// server name: for the local test cluster, whose pods share the host network and have no DNS.
     Loopback,
+    /// Through a NodePort Service at `--public-host`, with the Service's DNS name as TLS server name:
+    /// for trainers in other clusters (sites mode, docs/sites.md). TLS stays end to end.
+    #[value(name = "nodeport")]
+    NodePort,
 }
 
 /// Operator-wide settings that shape the objects.
@@ -34,6 +38,9 @@ pub struct Settings {
     pub trainer_image: String,
     pub aggregator_image: String,
     pub endpoint_mode: EndpointMode,
+    /// The address of the coordinator's nodes that trainers in other clusters dial
+    /// (`--endpoint-mode nodeport`).
+    pub public_host: Option<String>,
     /// The study and hospital namespaces the operator serves (`--watch-namespaces`); `None` serves
     /// every namespace (and needs cluster-wide permissions).
     pub watch_namespaces: Option<std::collections::BTreeSet<String>>,
@@ -167,7 +174,10 @@ pub fn aggregator_service(study: &FederatedStudy, settings: &Settings) -> Servic
         "selector": labels,
         "ports": [{"name": "grpc", "port": names::AGGREGATOR_PORT, "targetPort": names::AGGREGATOR_PORT, "protocol": "TCP"}],
     });
-    if settings.endpoint_mode == EndpointMode::Loopback {
+    if matches!(
+        settings.endpoint_mode,
+        EndpointMode::Loopback | EndpointMode::NodePort
+    ) {
         spec["type"] = json!("NodePort");
     }
     from_json(json!({
@@ -263,6 +273,15 @@ pub fn endpoint(study: &FederatedStudy, settings: &Settings, node_port: Option<i
             listen_port: names::AGGREGATOR_PORT,
             listen_host: "0.0.0.0".into(),
         }),
+        EndpointMode::NodePort => {
+            let host = settings.public_host.as_deref()?;
+            node_port.map(|p| Endpoint {
+                address: format!("{host}:{p}"),
+                server_name: dns,
+                listen_port: names::AGGREGATOR_PORT,
+                listen_host: "0.0.0.0".into(),
+            })
+        }
         EndpointMode::Loopback => node_port.map(|p| Endpoint {
             address: format!("127.0.0.1:{p}"),
             server_name: dns,
@@ -670,6 +689,7 @@ spec:
             trainer_image: "caduceus-trainer:test".into(),
             aggregator_image: "caduceus-aggregator:test".into(),
             endpoint_mode: mode,
+            public_host: Some("coordinator.example.org".into()),
             watch_namespaces: None,
         }
     }
@@ -839,6 +859,30 @@ spec:
                 .is_some(),
             "the aggregator has resource limits"
         );
+    }
+
+    #[test]
+    fn nodeport_publishes_the_public_host_and_keeps_the_service_name_for_tls() {
+        let st = study(false);
+        let s = settings(EndpointMode::NodePort);
+        assert!(endpoint(&st, &s, None).is_none(), "no port allocated yet");
+        let ep = endpoint(&st, &s, Some(31001)).unwrap();
+        assert_eq!(ep.address, "coordinator.example.org:31001");
+        assert_eq!(
+            ep.server_name,
+            names::service_dns(&st.name_any(), &st.namespace().unwrap())
+        );
+        assert_eq!(
+            (ep.listen_host.as_str(), ep.listen_port),
+            ("0.0.0.0", names::AGGREGATOR_PORT)
+        );
+        let svc = aggregator_service(&st, &s);
+        assert_eq!(svc.spec.unwrap().type_.as_deref(), Some("NodePort"));
+        let no_host = Settings {
+            public_host: None,
+            ..s
+        };
+        assert!(endpoint(&st, &no_host, Some(31001)).is_none());
     }
 
     #[test]

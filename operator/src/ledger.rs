@@ -96,8 +96,17 @@ fn parse(cm: &ConfigMap) -> Result<DurableLedger> {
     })
 }
 
-fn configmap(operator_ns: &str, hospital_ns: &str, hospital: &str, dl: &DurableLedger) -> ConfigMap {
-    serde_json::from_value(json!({
+/// The label of a coordinator's planning copy of a site's ledger (the site's own ledger decides).
+pub const LABEL_LEDGER_COPY: &str = "fl.caduceus.dev/ledger-copy";
+
+fn configmap(
+    operator_ns: &str,
+    hospital_ns: &str,
+    hospital: &str,
+    dl: &DurableLedger,
+    copy: bool,
+) -> ConfigMap {
+    let mut cm: ConfigMap = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {
             "name": configmap_name(hospital_ns, hospital),
@@ -112,7 +121,11 @@ fn configmap(operator_ns: &str, hospital_ns: &str, hospital: &str, dl: &DurableL
         },
         "data": {LEDGER_KEY: serde_json::to_string(dl).expect("a ledger serialises")},
     }))
-    .expect("a valid ConfigMap")
+    .expect("a valid ConfigMap");
+    if copy {
+        cm.labels_mut().insert(LABEL_LEDGER_COPY.into(), "true".into());
+    }
+    cm
 }
 
 /// Every ledger in the operator's namespace, by hospital `namespace/name`; `None` for a ledger that
@@ -176,6 +189,7 @@ where
         field_manager: Some(crate::FIELD_MANAGER.into()),
         ..Default::default()
     };
+    let mut copy = false;
     for _ in 0..8 {
         let (cm, mut dl) = match api.get_opt(&name).await? {
             Some(cm) => {
@@ -185,9 +199,10 @@ where
             None => {
                 // First use, or a ledger from before the durable copy existed: seed it from the
                 // status mirror so that nothing spent is forgotten.
-                let seeded = hapi
-                    .get_opt(hospital)
-                    .await?
+                let h = hapi.get_opt(hospital).await?;
+                // A coordinator's mirror of a site: this ledger is only its planning copy.
+                copy = h.as_ref().is_some_and(crate::gateway::mirror::is_mirror);
+                let seeded = h
                     .and_then(|h| h.status)
                     .and_then(|s| s.ledger)
                     .unwrap_or_default();
@@ -204,7 +219,7 @@ where
         let changed = f(&mut dl)?;
         let written = match cm {
             None => {
-                let want = configmap(operator_ns, hospital_ns, hospital, &dl);
+                let want = configmap(operator_ns, hospital_ns, hospital, &dl, copy);
                 match api.create(&pp, &want).await {
                     Ok(_) => true,
                     Err(kube::Error::Api(e)) if e.code == 409 => continue,
@@ -538,12 +553,18 @@ mod tests {
                 &[SubsampledGaussian::new(1.0, 0.01, 10).unwrap()],
             )
             .unwrap();
-        let cm = configmap("caduceus-system", "north", "st-mary", &dl);
+        let cm = configmap("caduceus-system", "north", "st-mary", &dl, false);
         assert_eq!(
             cm.metadata.finalizers.as_deref(),
             Some(&[LEDGER_FINALIZER.to_string()][..])
         );
         assert_eq!(cm.metadata.owner_references, None, "outlives the hospital");
+        assert!(!cm.labels().contains_key(LABEL_LEDGER_COPY));
+        let copy = configmap("caduceus-system", "caduceus-sites", "st-mary", &dl, true);
+        assert_eq!(
+            copy.labels().get(LABEL_LEDGER_COPY).map(String::as_str),
+            Some("true")
+        );
         assert_eq!(parse(&cm).unwrap(), dl);
         assert!(!parse(&cm).unwrap().is_empty());
         let mut bad = cm.clone();

@@ -99,9 +99,14 @@ struct Args {
     /// Aggregator image (a study's spec.images.aggregator overrides it).
     #[arg(long, env = "CADUCEUS_AGGREGATOR_IMAGE", default_value = concat!("caduceus-aggregator:", env!("CARGO_PKG_VERSION")))]
     aggregator_image: String,
-    /// How trainers reach the aggregator: `service` (cluster DNS) or `loopback` (the local test cluster).
+    /// How trainers reach the aggregator: `service` (cluster DNS), `nodeport` (at --public-host, for
+    /// sites in other clusters) or `loopback` (the local test cluster).
     #[arg(long, env = "CADUCEUS_ENDPOINT_MODE", value_enum, default_value = "service")]
     endpoint_mode: EndpointMode,
+    /// With `--endpoint-mode nodeport`: the address of this cluster's nodes that trainers in other
+    /// clusters dial (the aggregator's NodePort is appended).
+    #[arg(long, env = "CADUCEUS_PUBLIC_HOST")]
+    public_host: Option<String>,
     /// Leader election: the Lease's name (in --namespace); `--leader-elect=false` runs without one.
     #[arg(long, env = "CADUCEUS_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
@@ -200,6 +205,11 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    if args.endpoint_mode == EndpointMode::NodePort && args.public_host.is_none() {
+        anyhow::bail!(
+            "--endpoint-mode nodeport needs --public-host (the address trainers in other clusters dial)"
+        );
     }
     let client = Client::try_default().await?;
     let gateway_address = args.gateway_address.clone().unwrap_or_else(|| {
@@ -319,6 +329,7 @@ async fn main() -> anyhow::Result<()> {
         trainer_image: args.trainer_image.clone(),
         aggregator_image: args.aggregator_image.clone(),
         endpoint_mode: args.endpoint_mode,
+        public_host: args.public_host.clone(),
         watch_namespaces: args.watch_namespaces.clone().map(|v| {
             v.into_iter()
                 .map(|n| n.trim().to_string())

@@ -630,6 +630,7 @@ mod tests {
             trainer_image: "caduceus-trainer:test".into(),
             aggregator_image: "caduceus-aggregator:test".into(),
             endpoint_mode: EndpointMode::Service,
+            public_host: None,
             watch_namespaces: None,
         };
         let mut study: caduceus_crds::FederatedStudy = serde_yaml::from_str(

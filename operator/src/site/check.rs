@@ -368,6 +368,7 @@ mod tests {
             trainer_image: "caduceus-trainer:test".into(),
             aggregator_image: "caduceus-aggregator:test".into(),
             endpoint_mode: EndpointMode::Service,
+            public_host: None,
             watch_namespaces: None,
         }
     }
