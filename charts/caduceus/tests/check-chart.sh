@@ -143,6 +143,9 @@ check_role_variant() { # VALUES-FILE --set-json KEY=JSON...
 }
 check_role_variant "$coord" 'gateway.service={"type":"NodePort","nodePort":30443}' 'gateway.serverNames=[]'
 grep -q 'nodePort: 30443' "$work/variant-$variant.yaml" || { echo "ERROR: gateway.service.nodePort not rendered" >&2; exit 1; }
+check_role_variant "$coord" 'workloads.endpointMode="nodeport"' 'workloads.publicHost="fl.example.org"'
+grep -A1 'name: CADUCEUS_PUBLIC_HOST' "$work/variant-$variant.yaml" | grep -q '"fl.example.org"' \
+  || { echo "ERROR: workloads.publicHost not passed as CADUCEUS_PUBLIC_HOST" >&2; exit 1; }
 check_role_variant "$coord" 'networkPolicy.sitesFrom=[{"ipBlock":{"cidr":"198.51.100.0/24"}}]' 'metrics.service.enabled=false'
 check_role_variant "$coord" 'networkPolicy.enabled=false' 'admissionPolicy.enabled=false' 'rbac.create=false'
 check_role_variant "$coord" 'namespaces={"studies":["s1","s2"],"sites":"fl-sites"}' 'fullnameOverride="fl-operator"'
