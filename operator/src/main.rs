@@ -138,6 +138,41 @@ async fn shutdown_signal() {
     }
 }
 
+/// How long one reconcile may take before it is abandoned and retried. The state machines are built
+/// to be interrupted anywhere (as by a crash), so a request that never returns costs a retry, not a
+/// stalled study.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn bounded<K, F, Fut>(
+    f: F,
+) -> impl FnMut(
+    Arc<K>,
+    Arc<Context>,
+) -> futures::future::BoxFuture<
+    'static,
+    Result<kube::runtime::controller::Action, caduceus_operator::Error>,
+>
+where
+    K: Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = Result<kube::runtime::controller::Action, caduceus_operator::Error>>
+        + Send
+        + 'static,
+{
+    move |obj, ctx| {
+        Box::pin(async move {
+            tokio::time::timeout(RECONCILE_TIMEOUT, f(obj, ctx))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(caduceus_operator::Error::Other(format!(
+                        "reconcile did not finish within {} s; abandoned and retried",
+                        RECONCILE_TIMEOUT.as_secs()
+                    )))
+                })
+        })
+    }
+}
+
 fn job_to_round(job: Job) -> Option<ObjectRef<TrainingRound>> {
     let l = job.metadata.labels?;
     let study = l.get(names::LABEL_STUDY)?;
@@ -402,7 +437,7 @@ async fn main() -> anyhow::Result<()> {
             study::studies_consented_by(&h)
         })
         .graceful_shutdown_on(stop_on(stop_rx.clone()))
-        .run(study::reconcile, study::error_policy, ctx.clone())
+        .run(bounded(study::reconcile), study::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let mut round_ctl = Controller::new(rounds, watcher::Config::default());
     // Jobs exist only in the served study and hospital namespaces (never in the operator's own).
@@ -422,7 +457,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let round_ctl = round_ctl
         .graceful_shutdown_on(stop_on(stop_rx.clone()))
-        .run(round::reconcile, round::error_policy, ctx.clone())
+        .run(bounded(round::reconcile), round::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let hospital_ctl = Controller::new(hospitals, watcher::Config::default())
         .graceful_shutdown_on(stop_on(stop_rx.clone()))

@@ -353,7 +353,10 @@ impl OperatorProc {
             .unwrap();
         let child = Command::new(bin_dir().join("caduceus-operator"))
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("CADUCEUS_SITES_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
+            )
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().unwrap()))
