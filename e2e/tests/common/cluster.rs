@@ -275,6 +275,30 @@ spec:
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the cluster looked like when the test failed, before it goes.
+            let out = self.kubectl(&[
+                "get",
+                "federatedstudies,trainingrounds,hospitalclients,jobs,pods",
+                "-A",
+                "-o",
+                "wide",
+            ]);
+            eprintln!(
+                "== cluster {} at the failure:\n{}{}",
+                self.name,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = self.kubectl(&[
+                "get",
+                "trainingrounds,jobs",
+                "-A",
+                "-o",
+                "jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name}: {.status.conditions}{\"\\n\"}{end}",
+            ]);
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        }
         if std::env::var("CADUCEUS_KEEP_CLUSTERS").as_deref() == Ok("1") {
             eprintln!(
                 "cluster {} left running (CADUCEUS_KEEP_CLUSTERS=1): CADUCEUS_CLUSTER_DIR={} e2e/cluster.sh down",
