@@ -205,13 +205,15 @@ async fn the_operator_keeps_its_trust_boundaries() {
     .await;
     wait_admission(&client, &h0.name, "good", &open_ref, "NonPrivateNotAllowed").await;
     wait_admission(&client, &h1.name, "open", &open_ref, "Admitted").await;
+    // The hospitals' admissions are written before the study's status: wait for the condition that
+    // counts the admitted one rather than reading the first WaitingForHospitals (an older count).
     let (reason, msg) = wait_for(
-        "the non-private study to wait",
+        "the non-private study to wait for 3 hospitals with 1 admitted",
         Duration::from_secs(60),
         || async {
             study_ready(&studies, open)
                 .await
-                .filter(|(r, _)| r == "WaitingForHospitals")
+                .filter(|(r, m)| r == "WaitingForHospitals" && m.contains("1 can take part"))
         },
     )
     .await;
