@@ -140,13 +140,7 @@ impl Site {
     async fn consent(&self, study: &str, hash: &str) {
         let study_ref = format!("{STUDY_NS}/{study}");
         let h = self.hospitals().get(&self.name).await.unwrap();
-        let mut list: Vec<String> = h
-            .spec
-            .consented_studies
-            .into_iter()
-            .filter(|c| c.split('@').next() != Some(study_ref.as_str()))
-            .collect();
-        list.push(format!("{study_ref}@{hash}"));
+        let list = common::with_consent(h.spec.consented_studies, &study_ref, hash);
         self.hospitals()
             .patch(
                 &self.name,

@@ -395,6 +395,16 @@ pub async fn consent_hash(client: &Client, study_ns: &str, study: &str) -> Strin
 }
 
 /// What a hospital's owner does to join a study: reads the study's consent hash and lists
+/// `consented` with `study_ref@hash` in place of any earlier entry for `study_ref`.
+pub fn with_consent(consented: Vec<String>, study_ref: &str, hash: &str) -> Vec<String> {
+    let mut list: Vec<String> = consented
+        .into_iter()
+        .filter(|c| c.split('@').next() != Some(study_ref))
+        .collect();
+    list.push(format!("{study_ref}@{hash}"));
+    list
+}
+
 /// `namespace/name@hash` in `consentedStudies` (replacing a bare or older entry for the study).
 pub async fn consent(client: &Client, study_ns: &str, study: &str, hospitals: &[(&str, &str)]) -> String {
     let hash = consent_hash(client, study_ns, study).await;
@@ -402,13 +412,7 @@ pub async fn consent(client: &Client, study_ns: &str, study: &str, hospitals: &[
     for (hns, name) in hospitals {
         let api: Api<caduceus_crds::HospitalClient> = Api::namespaced(client.clone(), hns);
         let h = api.get(name).await.expect("the hospital to consent");
-        let mut list: Vec<String> = h
-            .spec
-            .consented_studies
-            .into_iter()
-            .filter(|c| c.split('@').next() != Some(study_ref.as_str()))
-            .collect();
-        list.push(format!("{study_ref}@{hash}"));
+        let list = with_consent(h.spec.consented_studies, &study_ref, &hash);
         let patch = serde_json::json!({"spec": {"consentedStudies": list}});
         api.patch(
             name,
