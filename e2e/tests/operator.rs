@@ -21,7 +21,8 @@ use caduceus_privacy::ledger::PrivacyLedger;
 use caduceus_privacy::{AccountantKind, SubsampledGaussian};
 use common::{
     Q, SIGMA, STEPS, TestNamespace, apply, bin_dir, client, consent, free_port, hospital, http_get,
-    install_crds, kubeconfig, kubectl, kubectl_ok, make_shards, study_yaml, unique, wait_for,
+    install_crds, kubeconfig, kubectl, kubectl_ok, make_shards, resume, study_yaml, suspended, unique,
+    wait_for,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -408,8 +409,10 @@ async fn operator_runs_studies_end_to_end() {
         "/no-such-shard",
     )
     .await;
-    // The tiny-budget hospital does not consent to this study; hospital-0..2 and `broken` do.
-    apply(&study_yaml(&sns.name, flaky, &network, 1, 3, 40));
+    // The tiny-budget hospital does not consent to this study; hospital-0..2 and `broken` do. The
+    // study waits suspended until all four have: three are a quorum, and a round started on the
+    // first three would leave `broken` out.
+    apply(&suspended(&study_yaml(&sns.name, flaky, &network, 1, 3, 40)));
     consent(
         &client,
         &sns.name,
@@ -422,6 +425,7 @@ async fn operator_runs_studies_end_to_end() {
         ],
     )
     .await;
+    resume(&client, &sns.name, flaky).await;
     // A trainer holding the first study's certificate is refused by the second study's aggregator.
     let agg_pod_running = wait_for(
         "the second study's aggregator Job",

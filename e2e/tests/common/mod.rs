@@ -380,6 +380,28 @@ spec:
     )
 }
 
+/// `yaml` (of [`study_yaml`]) with its study suspended: it publishes its consent hash but starts no
+/// round until [`resume`], so a test can have every hospital consent before the first round picks its
+/// participants (`spec.suspend` is not among the terms consent covers).
+pub fn suspended(yaml: &str) -> String {
+    let out = yaml.replacen("\nspec:\n  model:", "\nspec:\n  suspend: true\n  model:", 1);
+    assert_ne!(out, yaml, "no FederatedStudy spec to suspend in:\n{yaml}");
+    out
+}
+
+/// Lifts `spec.suspend` from a study made with [`suspended`].
+pub async fn resume(client: &Client, study_ns: &str, study: &str) {
+    let api: Api<caduceus_crds::FederatedStudy> = Api::namespaced(client.clone(), study_ns);
+    let patch = serde_json::json!({"spec": {"suspend": false}});
+    api.patch(
+        study,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .expect("resuming the study");
+}
+
 /// The study's consent hash, once the operator has published it in `status.consentHash`.
 pub async fn consent_hash(client: &Client, study_ns: &str, study: &str) -> String {
     let api: Api<caduceus_crds::FederatedStudy> = Api::namespaced(client.clone(), study_ns);
