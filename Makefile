@@ -37,6 +37,10 @@ lint: ## rustfmt and clippy, warnings are errors
 controlplane: ## Build (once, cached by version) kube-apiserver, controller-manager, scheduler, kubectl and etcd
 	e2e/controlplane/build.sh
 
+.PHONY: jaeger
+jaeger: ## Build (once, cached by version) Jaeger all-in-one from its Go module (the tracing e2e test); prints its path
+	e2e/jaeger/build.sh
+
 .PHONY: cluster-up
 cluster-up: build controlplane ## Start a real local control plane and the localnode; prints the kubeconfig path
 	e2e/cluster.sh up
@@ -52,7 +56,8 @@ unit: ## Unit and crate-level integration tests that need no cluster
 .PHONY: e2e
 e2e: ## Tests against the real local control plane (starts and stops it), the Helm chart's install included
 	$(MAKE) cluster-up
-	export CADUCEUS_HELM=$$(tools/helm/build.sh) CADUCEUS_PROMETHEUS_CRDS=$$(tools/prometheus-operator/crds.sh); \
+	export CADUCEUS_HELM=$$(tools/helm/build.sh) CADUCEUS_PROMETHEUS_CRDS=$$(tools/prometheus-operator/crds.sh) \
+	  CADUCEUS_JAEGER=$$(e2e/jaeger/build.sh); \
 	trap 'e2e/cluster.sh down' EXIT; KUBECONFIG=$(KUBECONFIG_FILE) $(CARGO) test -p caduceus-e2e -- --test-threads=1
 
 # The sites test (docs/sites.md) starts three clusters of its own (coordinator, two hospitals) under
@@ -86,12 +91,31 @@ argocd-check: ## Argo CD Lua health checks against their health_test.yaml cases 
 terraform-check: ## tofu fmt -check, validate and tests of the Terraform module and example (OpenTofu from its Go module)
 	terraform/check.sh
 
+# Daemonless images (images/build-oci.sh): OCI layouts and docker-archive tarballs of the binaries of
+# `make build` (PROFILE=release: of a release build), written to IMAGES_DIR, outside the source.
+PROFILE ?= debug
+IMAGES_DIR ?= $(CARGO_TARGET_DIR)/images
+IMAGES_ENV := PROFILE=$(PROFILE) IMAGES_DIR=$(IMAGES_DIR)
+
+.PHONY: build-profile
+build-profile:
+ifeq ($(PROFILE),release)
+	$(CARGO) build --release --workspace --bins
+else
+	$(CARGO) build --workspace --bins
+endif
+
 .PHONY: images-check
-images-check: ## Static checks of the Dockerfile (this machine cannot build images)
+images-check: build-profile ## Dockerfile static checks; build the images twice (same digests), check config, layer, SBOM, run
 	images/check.sh
+	$(IMAGES_ENV) images/check-oci.sh
 
 .PHONY: images
-images: ## Build the operator, trainer and aggregator images (needs Docker with BuildKit)
+images: build-profile ## Images without a daemon: IMAGES_DIR/caduceus-{operator,trainer,aggregator}.{oci/,tar,cdx.json}
+	$(IMAGES_ENV) images/build-oci.sh
+
+.PHONY: images-docker
+images-docker: ## Build the three images with Docker and BuildKit from images/Dockerfile (release build inside)
 	images/build.sh
 
 .PHONY: packaging

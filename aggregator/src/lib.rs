@@ -21,6 +21,7 @@ use anyhow::Context;
 use caduceus_proto::MAX_MESSAGE_BYTES;
 use caduceus_proto::v1::federation_server::FederationServer;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::Instrument;
 
 pub use config::{AggregatorArgs, StudyConfig};
 pub use service::{FederationService, Phase, Study, Summary};
@@ -81,7 +82,10 @@ pub async fn run(args: AggregatorArgs) -> u8 {
             return exit::CONFIG;
         }
     };
-    match run_validated(&args, cfg).await {
+    // The process's span, in the round's trace when the operator passed one (TRACEPARENT).
+    let span = tracing::info_span!("aggregator", caduceus.study = %cfg.study_id);
+    caduceus_startup::otel::continue_trace(&span, caduceus_startup::otel::env_traceparent().as_deref());
+    match run_validated(&args, cfg).instrument(span).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -9,6 +9,7 @@ fn main() -> std::process::ExitCode {
     caduceus_startup::run_main(
         2,
         caduceus_aggregator::exit::CONFIG,
+        "caduceus-aggregator",
         caduceus_aggregator::run(args),
     )
 }

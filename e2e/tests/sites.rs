@@ -1263,6 +1263,7 @@ async fn site_handler(s: &Site) -> caduceus_operator::site::Site {
             endpoint_mode: caduceus_operator::build::EndpointMode::Loopback,
             public_host: None,
             watch_namespaces: None,
+            telemetry_env: Vec::new(),
         },
         me: id.hospital.clone(),
         seal: id.seal,

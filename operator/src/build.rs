@@ -44,6 +44,10 @@ pub struct Settings {
     /// The study and hospital namespaces the operator serves (`--watch-namespaces`); `None` serves
     /// every namespace (and needs cluster-wide permissions).
     pub watch_namespaces: Option<std::collections::BTreeSet<String>>,
+    /// The operator's own `OTEL_*` variables, passed on to every aggregator and trainer Job so that they
+    /// export spans to the same collector; empty unless they turn export on
+    /// (`caduceus_startup::otel::forwarded_env`).
+    pub telemetry_env: Vec<(String, String)>,
 }
 
 impl Settings {
@@ -390,6 +394,12 @@ pub fn aggregator_job(
     if let Some(tp) = traceparent {
         e.push(("TRACEPARENT", tp.to_string()));
     }
+    e.extend(
+        settings
+            .telemetry_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone())),
+    );
     e.push(("RUST_LOG", "info".into()));
     let job_name = names::aggregator_job(&round.name_any());
     let labels = names::round_labels(&ns, &name, "aggregator", r, round.spec.attempt);
@@ -546,6 +556,12 @@ pub fn trainer_job(
     if let Some(tp) = traceparent {
         e.push(("TRACEPARENT", tp.to_string()));
     }
+    e.extend(
+        settings
+            .telemetry_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone())),
+    );
     e.push(("RUST_LOG", "info".into()));
     let mut labels = names::round_labels(&sns, &name, "trainer", r, round.spec.attempt);
     labels.insert(names::LABEL_HOSPITAL.into(), hospital.name_any());
@@ -691,6 +707,7 @@ spec:
             endpoint_mode: mode,
             public_host: Some("coordinator.example.org".into()),
             watch_namespaces: None,
+            telemetry_env: Vec::new(),
         }
     }
 
@@ -798,6 +815,72 @@ spec:
         assert_eq!(e["CADUCEUS_OPTIMIZER"], "sgd");
         assert_eq!(e["CADUCEUS_MOMENTUM"], "0.9");
         assert_eq!(e["CADUCEUS_LR"], "0.03");
+    }
+
+    #[test]
+    fn jobs_get_the_operators_otel_settings_only_when_it_has_them() {
+        let st = study(false);
+        let mut round = training_round(&st, 0, 0, vec!["north/st-mary".into()], "h", None);
+        round.metadata.uid = Some("r0".into());
+        let ids = vec![names::hospital_id("north", "st-mary")];
+        let tp = crate::round::traceparent(&round, "x");
+        let envs = |s: &Settings| {
+            let ep = endpoint(&st, s, None).unwrap();
+            let plan = plan::privacy_plan(&st.spec).unwrap();
+            [
+                env_of(&aggregator_job(&st, &round, s, &ep, &ids, None, Some(&tp))),
+                env_of(&trainer_job(
+                    &st,
+                    &round,
+                    &hospital(),
+                    s,
+                    &ep,
+                    plan.as_ref(),
+                    &ids[0],
+                    Some(&tp),
+                )),
+            ]
+        };
+        let otel = |e: &BTreeMap<String, String>| {
+            e.iter()
+                .filter(|(k, _)| k.starts_with("OTEL_"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        // Off on the operator: no OTEL_* variable in any Job (the trace context is passed regardless).
+        for e in envs(&settings(EndpointMode::Service)) {
+            assert!(otel(&e).is_empty(), "{e:?}");
+            assert_eq!(e["TRACEPARENT"], tp);
+        }
+        let mut s = settings(EndpointMode::Service);
+        s.telemetry_env = caduceus_startup::otel::forwarded_env([
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+                "http://collector.obs:4317".to_string(),
+            ),
+            ("OTEL_SERVICE_NAME".to_string(), "caduceus-operator".to_string()),
+            (
+                "OTEL_TRACES_SAMPLER".to_string(),
+                "parentbased_always_on".to_string(),
+            ),
+        ]);
+        for e in envs(&s) {
+            assert_eq!(
+                otel(&e),
+                vec![
+                    (
+                        "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+                        "http://collector.obs:4317".to_string()
+                    ),
+                    (
+                        "OTEL_TRACES_SAMPLER".to_string(),
+                        "parentbased_always_on".to_string()
+                    ),
+                ],
+                "each binary names its own service"
+            );
+            assert_eq!(e["TRACEPARENT"], tp);
+        }
     }
 
     #[test]

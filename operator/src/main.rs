@@ -11,12 +11,14 @@ use caduceus_operator::build::{EndpointMode, Settings};
 use caduceus_operator::leader::LeaderElector;
 use caduceus_operator::telemetry::{self, Metrics};
 use caduceus_operator::{Context, gateway, hospital, names, round, site, study};
+use caduceus_startup::otel;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
+use tracing_subscriber::Layer;
 
 /// What this instance is (docs/sites.md).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +131,9 @@ struct Args {
     log_json: bool,
 }
 
+/// The operator's service name in exported spans (unless OTEL_SERVICE_NAME says otherwise).
+const SERVICE: &str = "caduceus-operator";
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -236,10 +241,18 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    if args.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    // Logs, and spans over OTLP when the OTEL_* variables ask for it (startup/src/otel.rs); dropping
+    // `telemetry` at the end flushes the spans still queued.
+    let telemetry = if args.log_json {
+        otel::install(
+            tracing_subscriber::fmt::layer().json().with_filter(filter),
+            SERVICE,
+        )
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        otel::install(tracing_subscriber::fmt::layer().with_filter(filter), SERVICE)
+    };
+    if telemetry.exporting() {
+        tracing::info!("exporting spans over OTLP; trainer and aggregator Jobs get the same OTEL_* settings");
     }
     if args.endpoint_mode == EndpointMode::NodePort && args.public_host.is_none() {
         anyhow::bail!(
@@ -371,6 +384,7 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|n| !n.is_empty())
                 .collect()
         }),
+        telemetry_env: otel::forwarded_env(std::env::vars()),
     };
     if args.role == Role::Coordinator
         && let Some(w) = settings.watch_namespaces.as_mut()

@@ -1,41 +1,63 @@
 //! Start-up shared by the Caduceus binaries (`caduceus-trainer`, `caduceus-aggregator`): logging to
-//! standard error filtered by `CADUCEUS_LOG`, the tokio runtime that runs the program and its exit
-//! code, and reading the PEM files of a mutual-TLS identity (`--tls-cert`, `--tls-key`, `--tls-ca`).
+//! standard error filtered by `CADUCEUS_LOG`, OpenTelemetry spans over OTLP when the `OTEL_*`
+//! variables ask for it ([`otel`], shared with the operator), the tokio runtime that runs the program
+//! and its exit code, and reading the PEM files of a mutual-TLS identity (`--tls-cert`, `--tls-key`,
+//! `--tls-ca`).
 use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use tracing_subscriber::Layer;
+
+pub mod otel;
 
 /// The environment variable holding the log filter (`tracing_subscriber::EnvFilter` syntax).
 pub const LOG_ENV: &str = "CADUCEUS_LOG";
 
-/// Logs to standard error (with colours on a terminal), filtered by [`LOG_ENV`] (default `info`).
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
+/// Logs to standard error (with colours on a terminal), filtered by [`LOG_ENV`] (default `info`), and
+/// exports spans as `service` when the `OTEL_*` variables turn export on ([`otel::install`]; call it
+/// within the program's tokio runtime). Keep the returned value until the program ends.
+pub fn init_tracing(service: &'static str) -> otel::Telemetry {
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
+        .with_filter(
             tracing_subscriber::EnvFilter::try_from_env(LOG_ENV)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        );
+    otel::install(logs, service)
 }
 
-/// A binary's `main`: initialises logging, then runs `program` on a multi-threaded runtime of
-/// `worker_threads` workers and exits with the code it returns. When the runtime cannot start, says
-/// why on standard error and exits with `runtime_error_code`.
-pub fn run_main<F>(worker_threads: usize, runtime_error_code: u8, program: F) -> ExitCode
+/// A binary's `main`: starts a multi-threaded runtime of `worker_threads` workers, initialises logging
+/// and span export (as `service`), runs `program` and exits with the code it returns, after flushing
+/// the spans still queued (a few seconds at most, also when the collector is unreachable). When the
+/// runtime cannot start, says why on standard error and exits with `runtime_error_code`.
+pub fn run_main<F>(
+    worker_threads: usize,
+    runtime_error_code: u8,
+    service: &'static str,
+    program: F,
+) -> ExitCode
 where
     F: Future<Output = u8>,
 {
-    init_tracing();
     match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads)
         .enable_all()
         .build()
     {
-        Ok(rt) => ExitCode::from(rt.block_on(program)),
+        Ok(rt) => {
+            // The OTLP exporter's gRPC channel lives on this runtime: build it inside, flush before
+            // the runtime goes.
+            let mut telemetry = {
+                let _in_runtime = rt.enter();
+                init_tracing(service)
+            };
+            let code = rt.block_on(program);
+            telemetry.shutdown();
+            ExitCode::from(code)
+        }
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             ExitCode::from(runtime_error_code)
@@ -106,6 +128,6 @@ mod tests {
     #[test]
     fn runs_the_program_and_returns_its_code() {
         // One test only initialises logging (a second global subscriber would panic).
-        assert_eq!(run_main(1, 9, async { 3 }), ExitCode::from(3));
+        assert_eq!(run_main(1, 9, "caduceus-test", async { 3 }), ExitCode::from(3));
     }
 }

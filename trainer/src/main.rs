@@ -6,5 +6,5 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = caduceus_trainer::TrainerArgs::parse();
     caduceus_trainer::tune_allocator();
-    caduceus_startup::run_main(1, 1, caduceus_trainer::run(args))
+    caduceus_startup::run_main(1, 1, "caduceus-trainer", caduceus_trainer::run(args))
 }

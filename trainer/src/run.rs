@@ -11,6 +11,7 @@ use caduceus_proto::{
     evaluation_to_proto,
 };
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::config::{RoundSpec, TrainerArgs};
 use crate::eval::evaluate_counts;
@@ -173,6 +174,15 @@ impl Trainer<'_> {
     }
 
     async fn send(&self, p: &Pending) -> anyhow::Result<()> {
+        let span = tracing::info_span!(
+            "upload",
+            caduceus.round = p.round,
+            encrypted = p.encrypted.is_some()
+        );
+        self.send_update(p).instrument(span).await
+    }
+
+    async fn send_update(&self, p: &Pending) -> anyhow::Result<()> {
         let r = self
             .retry("submit update", |mut c| {
                 let h = p.header.clone();
@@ -198,6 +208,11 @@ impl Trainer<'_> {
     }
 
     async fn fetch(&mut self, round: u32) -> anyhow::Result<GlobalModel> {
+        let span = tracing::info_span!("fetch global model", caduceus.round = round);
+        self.fetch_model(round).instrument(span).await
+    }
+
+    async fn fetch_model(&mut self, round: u32) -> anyhow::Result<GlobalModel> {
         if self.secure.is_some() {
             return self.fetch_secure(round).await;
         }
@@ -286,18 +301,23 @@ impl Trainer<'_> {
             ),
             None => None,
         };
-        // Candle work is blocking: run it off the async threads.
+        // Candle work is blocking: run it off the async threads (in the round's span).
+        let round_span = tracing::Span::current();
         let out = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let _round = round_span.enter();
             let mut model = Model::from_flat(arch, classes, &gm.params)
                 .with_context(|| format!("the global model does not fit {arch} with {classes} classes"))?;
-            let eval = evaluate_counts(
-                &model,
-                &val,
-                &args.sensitive,
-                args.positive_class,
-                args.eval_batch_size,
-            )
-            .context("evaluating the global model on local validation data")?;
+            let eval = tracing::info_span!("local evaluation", caduceus.round = round, examples = val.len())
+                .in_scope(|| {
+                    evaluate_counts(
+                        &model,
+                        &val,
+                        &args.sensitive,
+                        args.positive_class,
+                        args.eval_batch_size,
+                    )
+                })
+                .context("evaluating the global model on local validation data")?;
             // Under DP what leaves the hospital is the noised release of the counts.
             let released = match eval_noise {
                 Some(mut noise) => Some(
@@ -333,11 +353,26 @@ impl Trainer<'_> {
                 }
                 _ => ClientStrategy::FedAvg,
             };
-            let outcome = match &dp {
-                Some(dp) => caduceus_models::train_local_dp(&mut model, &train, &cfg, client_strategy, dp)
-                    .context("local training (DP-SGD)")?,
-                None => train_local(&mut model, &train, &cfg, client_strategy).context("local training")?,
-            };
+            let training = tracing::info_span!(
+                "local training",
+                caduceus.round = round,
+                dp_sgd = dp.is_some(),
+                examples = train.len(),
+                steps = tracing::field::Empty
+            );
+            let outcome = training.in_scope(|| -> anyhow::Result<_> {
+                let outcome = match &dp {
+                    Some(dp) => {
+                        caduceus_models::train_local_dp(&mut model, &train, &cfg, client_strategy, dp)
+                            .context("local training (DP-SGD)")?
+                    }
+                    None => {
+                        train_local(&mut model, &train, &cfg, client_strategy).context("local training")?
+                    }
+                };
+                tracing::Span::current().record("steps", outcome.steps);
+                Ok(outcome)
+            })?;
             let delta: Vec<f32> = outcome
                 .params
                 .iter()
@@ -564,7 +599,13 @@ async fn run_inner(args: TrainerArgs, reports: &mut Vec<RoundReport>) -> anyhow:
                 continue;
             }
         }
-        let p = match t.round(round).await {
+        let span = tracing::info_span!(
+            "trainer round",
+            caduceus.study = %t.args.study_id,
+            caduceus.round = round,
+            caduceus.hospital = %t.args.hospital
+        );
+        let p = match t.round(round).instrument(span).await {
             Ok(p) => p,
             Err(e) if e.downcast_ref::<crate::dp::BudgetExhausted>().is_some() => break e.to_string(),
             Err(e) => return Err(e),
@@ -588,6 +629,8 @@ fn encrypt_pending(sec: &crate::secure::SecureSession, p: &mut Pending) -> anyho
     if p.control_delta.is_some() {
         bail!("secure aggregation does not support SCAFFOLD (control variates)");
     }
+    let _span =
+        tracing::info_span!("encryption", caduceus.round = p.round, parameters = p.delta.len()).entered();
     let t = Instant::now();
     let msgs = sec.encrypt(p.round, &p.delta)?;
     tracing::info!(
@@ -612,7 +655,10 @@ pub async fn run(args: TrainerArgs) -> u8 {
         args.summary_path.clone(),
     );
     let mut reports = Vec::new();
-    let result = run_inner(args, &mut reports).await;
+    // The process's span, in the round's trace when the operator passed one (TRACEPARENT).
+    let span = tracing::info_span!("trainer", caduceus.study = %study_id, caduceus.hospital = %hospital);
+    caduceus_startup::otel::continue_trace(&span, caduceus_startup::otel::env_traceparent().as_deref());
+    let result = run_inner(args, &mut reports).instrument(span).await;
     let (status, message, code) = match &result {
         Ok(m) => ("succeeded", m.clone(), 0),
         Err(e) => ("failed", format!("{e:#}"), 1),

@@ -528,8 +528,15 @@ impl Study {
         let started = Instant::now();
         let opened_at = self.state.lock().expect("state lock").opened_at;
         let this = self.clone();
+        let span = tracing::info_span!(
+            "aggregate round",
+            caduceus.study = %self.cfg.study_id,
+            caduceus.round = round,
+            participants = received.len(),
+            evaluation_only = phase == Phase::FinalEvaluation
+        );
         let outcome = tokio::task::spawn_blocking(move || {
-            this.aggregate_round(round, &phase, &received, &served, fairfed_prev)
+            span.in_scope(|| this.aggregate_round(round, &phase, &received, &served, fairfed_prev))
         })
         .await
         .map_err(|e| format!("aggregation task failed: {e}"))?;

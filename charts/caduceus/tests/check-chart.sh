@@ -48,6 +48,14 @@ for want in "kind: ServiceMonitor" "kind: PrometheusRule" "kind: NetworkPolicy" 
   grep -q "$want" "$work/full.yaml" || { echo "ERROR: the full render lacks '$want'" >&2; exit 1; }
 done
 
+# Span export (tracing.*): off by default, the OTEL_* variables on the operator when an endpoint is set.
+if grep -q 'OTEL_' "$work/default.yaml"; then
+  echo "ERROR: the default render sets OTEL_* variables (tracing must be off by default)" >&2; exit 1
+fi
+for want in "OTEL_EXPORTER_OTLP_ENDPOINT" "http://otel-collector.observability:4317" "OTEL_TRACES_SAMPLER_ARG"; do
+  grep -q "$want" "$work/full.yaml" || { echo "ERROR: the full render lacks '$want' (tracing.*)" >&2; exit 1; }
+done
+
 echo "chart: RBAC, NetworkPolicies and admission policies match the values (check-policies.py)"
 python3 "$here/check-policies.py" "$work/default.yaml" -f "$req"
 python3 "$here/check-policies.py" "$work/full.yaml" -f "$full"

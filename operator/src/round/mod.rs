@@ -32,6 +32,7 @@ use caduceus_privacy::ledger::RoundKey;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
+use tracing::Instrument;
 
 use crate::context::{Context, Error, Result};
 use crate::{ledger, names, signing};
@@ -101,14 +102,34 @@ pub fn refusal(round: &TrainingRound, study: &FederatedStudy, signing_key: &[u8]
 /// An API error or a ledger refusal; the controller retries after [`error_policy`]'s delay.
 pub async fn reconcile(round: Arc<TrainingRound>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile("round");
-    let mut state = machine::RoundState::from_status(round.status.as_ref());
+    let state = machine::RoundState::from_status(round.status.as_ref());
     let ns = round.namespace().unwrap_or_default();
     if state.phase().is_terminal() || round.metadata.deletion_timestamp.is_some() || !ctx.settings.serves(&ns)
     {
         return Ok(Action::await_change());
     }
-    let (mut obs, world) = observe::observe(&ctx, &round).await?;
-    let mut applier = apply::Applier::new(&ctx, &round, &world);
+    // One round is one trace: this reconcile's span is a child of the round's derived trace context,
+    // the trace its aggregator and trainers continue from their TRACEPARENT. `caduceus.study` is the
+    // study id the aggregator and trainers carry too (CADUCEUS_STUDY_ID).
+    let span = tracing::info_span!(
+        "reconcile round",
+        caduceus.study = %names::study_id(&ns, &round.spec.study),
+        caduceus.round = round.spec.round,
+        caduceus.attempt = round.spec.attempt,
+        caduceus.namespace = %ns,
+        caduceus.phase = ?state.phase()
+    );
+    caduceus_startup::otel::continue_trace(&span, Some(&traceparent(&round, "operator")));
+    reconcile_steps(round, &ctx, state).instrument(span).await
+}
+
+async fn reconcile_steps(
+    round: Arc<TrainingRound>,
+    ctx: &Context,
+    mut state: machine::RoundState,
+) -> Result<Action> {
+    let (mut obs, world) = observe::observe(ctx, &round).await?;
+    let mut applier = apply::Applier::new(ctx, &round, &world);
     let mut requeue = None;
     // A step that starts or asks for a settlement is followed by the next one at once (at most
     // three steps: Running → Settling → settle → result).

@@ -632,6 +632,7 @@ mod tests {
             endpoint_mode: EndpointMode::Service,
             public_host: None,
             watch_namespaces: None,
+            telemetry_env: Vec::new(),
         };
         let mut study: caduceus_crds::FederatedStudy = serde_yaml::from_str(
             r#"

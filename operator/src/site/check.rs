@@ -370,6 +370,7 @@ mod tests {
             endpoint_mode: EndpointMode::Service,
             public_host: None,
             watch_namespaces: None,
+            telemetry_env: Vec::new(),
         }
     }
 
