@@ -41,8 +41,13 @@ controlplane: ## Build (once, cached by version) kube-apiserver, controller-mana
 jaeger: ## Build (once, cached by version) Jaeger all-in-one from its Go module (the tracing e2e test); prints its path
 	e2e/jaeger/build.sh
 
+.PHONY: node
+node: ## Build (once, cached by version) the real node: runc, containerd, kubelet, kube-proxy, CNI plugins, CoreDNS, kube-router
+	e2e/node/build.sh
+
+# NODE=localnode (default: the kubelet stand-in), real (containerd, runc, kubelet; e2e/node/) or auto.
 .PHONY: cluster-up
-cluster-up: build controlplane ## Start a real local control plane and the localnode; prints the kubeconfig path
+cluster-up: build controlplane ## Start a real local control plane and its node (NODE=localnode|real|auto); prints the kubeconfig path
 	e2e/cluster.sh up
 
 .PHONY: cluster-down
@@ -58,7 +63,20 @@ e2e: ## Tests against the real local control plane (starts and stops it), the He
 	$(MAKE) cluster-up
 	export CADUCEUS_HELM=$$(tools/helm/build.sh) CADUCEUS_PROMETHEUS_CRDS=$$(tools/prometheus-operator/crds.sh) \
 	  CADUCEUS_JAEGER=$$(e2e/jaeger/build.sh); \
-	trap 'e2e/cluster.sh down' EXIT; KUBECONFIG=$(KUBECONFIG_FILE) $(CARGO) test -p caduceus-e2e -- --test-threads=1
+	trap 'e2e/cluster.sh down' EXIT; echo "make e2e: node $$(cat $(CADUCEUS_CLUSTER_DIR)/node.kind)"; \
+	KUBECONFIG=$(KUBECONFIG_FILE) $(CARGO) test -p caduceus-e2e -- --test-threads=1
+
+# The chart on the real node (e2e/tests/node.rs): a cluster of its own under NODE_CLUSTER_DIR, with the
+# images of `make images` imported into its containerd.
+NODE_CLUSTER_DIR ?= /tmp/caduceus-node-cluster-$(shell id -u)
+
+.PHONY: e2e-node
+e2e-node: build controlplane node images ## The chart from its images on the real node: securityContext, tokens and NetworkPolicies enforced
+	export CADUCEUS_CLUSTER_DIR=$(NODE_CLUSTER_DIR) CADUCEUS_HELM=$$(tools/helm/build.sh); \
+	trap 'e2e/cluster.sh down' EXIT; \
+	NODE=real CADUCEUS_NODE_IMAGES=$(IMAGES_DIR) e2e/cluster.sh up >/dev/null; \
+	CADUCEUS_REQUIRE_REAL_NODE=1 KUBECONFIG=$(NODE_CLUSTER_DIR)/kubeconfig \
+	  $(CARGO) test -p caduceus-e2e --test node -- --test-threads=1 --nocapture
 
 # The sites test (docs/sites.md) starts three clusters of its own (coordinator, two hospitals) under
 # SITES_DIR (e2e/sites.sh up|down|status for a look by hand); the trap stops them even when the test is killed.
@@ -122,7 +140,7 @@ images-docker: ## Build the three images with Docker and BuildKit from images/Do
 packaging: chart-check argocd-check terraform-check images-check ## Every packaging check that needs no cluster
 
 .PHONY: test
-test: lint check-crds build controlplane unit packaging e2e e2e-sites ## Everything CI runs
+test: lint check-crds build controlplane unit packaging e2e e2e-sites e2e-node ## Everything CI runs
 	@echo "make test: all checks passed"
 
 # Results of `make demo` (a directory; replaced on each run). Extra simulate flags: DEMO_FLAGS="--rounds 3".

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # A real local Kubernetes control plane for tests: etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler (built from Go modules by e2e/controlplane/build.sh) and localnode (a test stand-in
-# for kubelet that runs Pods as local processes), all on loopback.
+# kube-scheduler (built from Go modules by e2e/controlplane/build.sh) and one node, all on this host:
+#   NODE=localnode  localnode, a test stand-in for kubelet that runs Pods as local processes (default)
+#   NODE=real       containerd, runc, a real kubelet, kube-proxy, CNI, CoreDNS and a NetworkPolicy
+#                   controller (e2e/node/realnode.sh); needs root, overlayfs, cgroups and bridges
+#   NODE=auto       real where this machine allows it, else localnode (says which, and why)
 #
 #   e2e/cluster.sh up       start (or reuse a healthy running one); prints the kubeconfig path
 #   e2e/cluster.sh down     stop everything (no stray processes); keeps logs in the state dir
@@ -20,9 +23,25 @@ DIR=${CADUCEUS_CLUSTER_DIR:-/tmp/caduceus-cluster}
 mkdir -p "$(dirname "$DIR")"
 DIR=$(cd "$(dirname "$DIR")" && pwd)/$(basename "$DIR")
 TIMEOUT=${CLUSTER_UP_TIMEOUT:-90}
-NODE_NAME=localnode
+# shellcheck source=node/realnode.sh
+source "$here/node/realnode.sh"
+NODE=${NODE:-localnode}
+if [[ $NODE == auto && ${1:-} == up ]]; then
+  why=$(realnode_unsupported)
+  if [[ -z $why ]]; then NODE=real; else echo "cluster: NODE=auto: localnode, since the real node cannot run here: $why" >&2; NODE=localnode; fi
+fi
+# A running cluster's node kind wins for down and status.
+[[ -f $DIR/node.kind && ${1:-} != up ]] && NODE=$(cat "$DIR/node.kind")
+[[ $NODE == auto ]] && NODE=localnode
+case $NODE in
+  localnode) NODE_NAME=localnode; NODE_COMPONENTS=(localnode) ;;
+  real) NODE_NAME=realnode; NODE_COMPONENTS=("${RN_COMPONENTS[@]}") ;;
+  *) echo "cluster: ERROR: NODE=$NODE (expected localnode, real or auto)" >&2; exit 2 ;;
+esac
 # Stop order; start order is the reverse.
-COMPONENTS=(localnode kube-scheduler kube-controller-manager kube-apiserver etcd)
+COMPONENTS=("${NODE_COMPONENTS[@]}" kube-scheduler kube-controller-manager kube-apiserver etcd)
+# Processes of either kind of node are strays once their component is stopped.
+STRAYS=(localnode "${RN_COMPONENTS[@]}" containerd-shim-runc-v2 kube-scheduler kube-controller-manager kube-apiserver etcd)
 
 T0=$(date +%s.%N)
 elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
@@ -52,7 +71,7 @@ stray_pids() {
     [[ $p == "$$" || $p == "$BASHPID" ]] && continue
     exe=$(tr '\0' '\n' 2>/dev/null <"$f" | head -n1) || continue
     exe=$(basename -- "${exe:-none}")
-    case " ${COMPONENTS[*]} " in *" $exe "*) echo "$p" ;; esac
+    case " ${STRAYS[*]} " in *" $exe "*) echo "$p" ;; esac
   done
   for f in $(grep -lsxzF -- "CADUCEUS_LOCALNODE_STATE_DIR=$DIR/localnode" /proc/[0-9]*/environ 2>/dev/null); do
     p=${f#/proc/}; p=${p%/environ}
@@ -96,6 +115,8 @@ do_down() {
     kill -KILL $pids 2>/dev/null || true
     for p in $pids; do wait_gone "$p" 5 || log "process $p survived SIGKILL"; done
   fi
+  if [[ $NODE == real || $(cat "$DIR/node.kind" 2>/dev/null) == real ]]; then realnode_cleanup; fi
+  return 0
 }
 
 start() { # name logfile binary args...
@@ -168,10 +189,16 @@ make_pki() {
       -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
     openssl req -new -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver"
     printf '%s\n' \
-      "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc" \
+      "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,IP:$RN_GW,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc" \
       "extendedKeyUsage=serverAuth" "keyUsage=critical,digitalSignature,keyEncipherment" >apiserver.ext
     openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 \
       -extfile apiserver.ext -out apiserver.crt
+    # The API server's client certificate for the kubelets' API (logs, exec), in system:masters.
+    openssl req -new -newkey rsa:2048 -nodes -keyout kubelet-client.key -out kubelet-client.csr \
+      -subj "/O=system:masters/CN=kube-apiserver-kubelet-client"
+    printf '%s\n' "extendedKeyUsage=clientAuth" "keyUsage=critical,digitalSignature,keyEncipherment" >kubelet-client.ext
+    openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 \
+      -extfile kubelet-client.ext -out kubelet-client.crt
     openssl genrsa -out sa.key 2048
     openssl rsa -in sa.key -pubout -out sa.pub
   ) >"$DIR/logs/pki.log" 2>&1 || { cat "$DIR/logs/pki.log" >&2; die "generating certificates with openssl failed"; }
@@ -229,13 +256,21 @@ do_up() {
   for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl; do
     [[ -x $bins/$b ]] || die "$bins/$b missing (e2e/controlplane/build.sh did not finish?)"
   done
-  lnbin=$(localnode_bin)
+  if [[ $NODE == real ]]; then
+    local why
+    why=$(realnode_unsupported)
+    [[ -z $why ]] || die "NODE=real: this machine cannot run the real node: $why"
+    realnode_build
+  else
+    lnbin=$(localnode_bin)
+  fi
 
   rm -rf "$DIR"
   mkdir -p "$DIR"/{pids,logs,etcd,kcm,scheduler,localnode,bin}
   chmod 700 "$DIR"
+  echo "$NODE" >"$DIR/node.kind"
   for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl; do ln -s "$bins/$b" "$DIR/bin/$b"; done
-  ln -s "$lnbin" "$DIR/bin/localnode"
+  if [[ $NODE == real ]]; then realnode_save_bins; else ln -s "$lnbin" "$DIR/bin/localnode"; fi
   KUBECTL=$DIR/bin/kubectl
 
   ETCD_PORT=$(free_port)
@@ -244,21 +279,36 @@ do_up() {
   SCHED_PORT=$(free_port)
   make_pki
   ADMIN_TOKEN=$(openssl rand -hex 24)
-  local kcm_token sched_token node_token
+  local kcm_token sched_token node_token proxy_token dns_token netpol_token
   kcm_token=$(openssl rand -hex 24)
   sched_token=$(openssl rand -hex 24)
   node_token=$(openssl rand -hex 24)
+  proxy_token=$(openssl rand -hex 24)
+  dns_token=$(openssl rand -hex 24)
+  netpol_token=$(openssl rand -hex 24)
   {
     echo "$ADMIN_TOKEN,caduceus-admin,caduceus-admin,\"system:masters\""
     echo "$kcm_token,system:kube-controller-manager,system:kube-controller-manager,\"\""
     echo "$sched_token,system:kube-scheduler,system:kube-scheduler,\"\""
     echo "$node_token,system:node:$NODE_NAME,system:node:$NODE_NAME,\"system:nodes\""
+    if [[ $NODE == real ]]; then
+      echo "$proxy_token,system:kube-proxy,system:kube-proxy,\"\""
+      echo "$dns_token,system:caduceus-node:coredns,system:caduceus-node:coredns,\"\""
+      echo "$netpol_token,system:caduceus-node:kube-router,system:caduceus-node:kube-router,\"\""
+    fi
   } >"$DIR/pki/tokens.csv"
   chmod 600 "$DIR/pki/tokens.csv"
   write_kubeconfig "$DIR/kubeconfig" caduceus-admin "$ADMIN_TOKEN"
   write_kubeconfig "$DIR/kcm.kubeconfig" system:kube-controller-manager "$kcm_token"
   write_kubeconfig "$DIR/scheduler.kubeconfig" system:kube-scheduler "$sched_token"
-  write_kubeconfig "$DIR/localnode.kubeconfig" "system:node:$NODE_NAME" "$node_token"
+  if [[ $NODE == real ]]; then
+    write_kubeconfig "$DIR/node.kubeconfig" "system:node:$NODE_NAME" "$node_token"
+    write_kubeconfig "$DIR/proxy.kubeconfig" system:kube-proxy "$proxy_token"
+    write_kubeconfig "$DIR/dns.kubeconfig" system:caduceus-node:coredns "$dns_token"
+    write_kubeconfig "$DIR/netpol.kubeconfig" system:caduceus-node:kube-router "$netpol_token"
+  else
+    write_kubeconfig "$DIR/localnode.kubeconfig" "system:node:$NODE_NAME" "$node_token"
+  fi
   cat >"$DIR/cluster.env" <<EOF
 KUBECONFIG=$DIR/kubeconfig
 KUBECTL=$KUBECTL
@@ -267,6 +317,8 @@ API_PORT=$API_PORT
 KCM_PORT=$KCM_PORT
 SCHED_PORT=$SCHED_PORT
 ADMIN_TOKEN=$ADMIN_TOKEN
+NODE_KIND=$NODE
+NODE_NAME=$NODE_NAME
 EOF
   chmod 600 "$DIR/cluster.env"
 
@@ -277,28 +329,42 @@ EOF
   wait_for "etcd" "$DIR/logs/etcd.log" curl -sf --max-time 2 "http://127.0.0.1:$ETCD_PORT/health"
 
   log "starting kube-apiserver on https://127.0.0.1:$API_PORT"
-  local apiserver_extra=()
+  local apiserver_extra=() apiserver_node=()
   read -r -a apiserver_extra <<<"${CLUSTER_APISERVER_EXTRA_ARGS:-}"
+  if [[ $NODE == real ]]; then
+    # Pods reach the API server through the `kubernetes` Service, whose endpoint is the advertised
+    # address on the node's bridge; the kubelet is authorized by the Node authorizer.
+    realnode_host
+    apiserver_node=(--bind-address 0.0.0.0 --advertise-address "$RN_GW" --authorization-mode Node,RBAC
+      --enable-admission-plugins NodeRestriction --kubelet-preferred-address-types InternalIP
+      --kubelet-client-certificate "$DIR/pki/kubelet-client.crt" --kubelet-client-key "$DIR/pki/kubelet-client.key")
+  else
+    apiserver_node=(--bind-address 127.0.0.1 --advertise-address 127.0.0.1 --authorization-mode RBAC
+      --endpoint-reconciler-type none)
+  fi
   start kube-apiserver "$DIR/logs/kube-apiserver.log" "$bins/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" "${apiserver_node[@]}" --secure-port "$API_PORT" \
     --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
     --client-ca-file "$DIR/pki/ca.crt" --token-auth-file "$DIR/pki/tokens.csv" \
-    --authorization-mode RBAC \
     --service-account-issuer "https://127.0.0.1:$API_PORT" \
     --service-account-key-file "$DIR/pki/sa.pub" --service-account-signing-key-file "$DIR/pki/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
-    --endpoint-reconciler-type none --cert-dir "$DIR/pki/apiserver-generated" "${apiserver_extra[@]}"
+    --cert-dir "$DIR/pki/apiserver-generated" "${apiserver_extra[@]}"
   wait_for "kube-apiserver /readyz" "$DIR/logs/kube-apiserver.log" api_ready
 
-  # localnode's permissions (it is not a real kubelet, so the Node authorizer is not used).
-  "$KUBECTL" --kubeconfig "$DIR/kubeconfig" apply -f "$here/localnode-rbac.yaml" >"$DIR/logs/rbac.log" 2>&1 ||
-    { cat "$DIR/logs/rbac.log" >&2; do_down; die "applying e2e/localnode-rbac.yaml failed"; }
+  # localnode's permissions (it is not a real kubelet, so the Node authorizer is not used), or those
+  # of the real node's CoreDNS and NetworkPolicy controller.
+  local rbac=$here/localnode-rbac.yaml
+  [[ $NODE == real ]] && rbac=$here/node/rbac.yaml
+  "$KUBECTL" --kubeconfig "$DIR/kubeconfig" apply -f "$rbac" >"$DIR/logs/rbac.log" 2>&1 ||
+    { cat "$DIR/logs/rbac.log" >&2; do_down; die "applying $rbac failed"; }
 
   controllers=job-controller,garbage-collector-controller,namespace-controller,ttl-after-finished-controller
   controllers+=,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller
   controllers+=,deployment-controller,replicaset-controller,statefulset-controller,cronjob-controller
   controllers+=,endpointslice-controller,persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,pod-garbage-collector-controller
+  # A real kubelet registers its Node with the not-ready taint; the node lifecycle controller lifts it.
+  [[ $NODE == real ]] && controllers+=,node-lifecycle-controller
   log "starting kube-controller-manager (:$KCM_PORT) and kube-scheduler (:$SCHED_PORT)"
   start kube-controller-manager "$DIR/logs/kube-controller-manager.log" "$bins/kube-controller-manager" \
     --kubeconfig "$DIR/kcm.kubeconfig" \
@@ -312,21 +378,28 @@ EOF
     --authentication-kubeconfig "$DIR/scheduler.kubeconfig" --authorization-kubeconfig "$DIR/scheduler.kubeconfig" \
     --leader-elect=false --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --cert-dir "$DIR/scheduler"
 
-  log "starting localnode (a test stand-in for kubelet)"
-  local bin_dir_args=()
-  [[ -n ${CADUCEUS_BIN_DIR:-} ]] && bin_dir_args=(--bin-dir "$CADUCEUS_BIN_DIR")
-  start localnode "$DIR/logs/localnode.log" "$lnbin" --kubeconfig "$DIR/localnode.kubeconfig" \
-    --node-name "$NODE_NAME" --state-dir "$DIR/localnode" --image-map "localnode=$lnbin" --image-map "kubectl=$bins/kubectl" \
-    --pass-env RUST_LOG "${bin_dir_args[@]}"
+  local node_log=$DIR/logs/localnode.log
+  if [[ $NODE == real ]]; then
+    realnode_start
+    node_log=$DIR/node/logs/kubelet.log
+  else
+    log "starting localnode (a test stand-in for kubelet)"
+    local bin_dir_args=()
+    [[ -n ${CADUCEUS_BIN_DIR:-} ]] && bin_dir_args=(--bin-dir "$CADUCEUS_BIN_DIR")
+    start localnode "$DIR/logs/localnode.log" "$lnbin" --kubeconfig "$DIR/localnode.kubeconfig" \
+      --node-name "$NODE_NAME" --state-dir "$DIR/localnode" --image-map "localnode=$lnbin" --image-map "kubectl=$bins/kubectl" \
+      --pass-env RUST_LOG "${bin_dir_args[@]}"
+  fi
 
   wait_for "kube-controller-manager /healthz" "$DIR/logs/kube-controller-manager.log" healthz "$KCM_PORT"
   wait_for "kube-scheduler /healthz" "$DIR/logs/kube-scheduler.log" healthz "$SCHED_PORT"
-  wait_for "Node $NODE_NAME Ready and untainted" "$DIR/logs/localnode.log" node_ready
+  wait_for "Node $NODE_NAME Ready and untainted" "$node_log" node_ready
+  [[ $NODE == real ]] && realnode_start_policy
   wait_for "ServiceAccount default/default" "$DIR/logs/kube-controller-manager.log" \
     "$KUBECTL" --kubeconfig "$DIR/kubeconfig" -n default get serviceaccount default
   wait_for "ConfigMap default/kube-root-ca.crt" "$DIR/logs/kube-controller-manager.log" \
     "$KUBECTL" --kubeconfig "$DIR/kubeconfig" -n default get configmap kube-root-ca.crt
-  log "up; kubectl: $KUBECTL"
+  log "up (node: $NODE_NAME, $NODE); kubectl: $KUBECTL"
   echo "$DIR/kubeconfig"
 }
 
