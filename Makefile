@@ -71,8 +71,8 @@ e2e: ## Tests against the real local control plane (starts and stops it), the He
 NODE_CLUSTER_DIR ?= /tmp/caduceus-node-cluster-$(shell id -u)
 
 .PHONY: e2e-node
-e2e-node: build controlplane node images ## The chart from its images on the real node: securityContext, tokens and NetworkPolicies enforced
-	export CADUCEUS_CLUSTER_DIR=$(NODE_CLUSTER_DIR) CADUCEUS_HELM=$$(tools/helm/build.sh); \
+e2e-node: build controlplane node images ## The chart from its images on the real node: securityContext, tokens, NetworkPolicies, spans to Jaeger
+	export CADUCEUS_CLUSTER_DIR=$(NODE_CLUSTER_DIR) CADUCEUS_HELM=$$(tools/helm/build.sh) CADUCEUS_JAEGER=$$(e2e/jaeger/build.sh); \
 	trap 'e2e/cluster.sh down' EXIT; \
 	NODE=real CADUCEUS_NODE_IMAGES=$(IMAGES_DIR) e2e/cluster.sh up >/dev/null; \
 	CADUCEUS_REQUIRE_REAL_NODE=1 KUBECONFIG=$(NODE_CLUSTER_DIR)/kubeconfig \

@@ -12,7 +12,10 @@
 //!    A's trainer reaches the aggregator but neither hospital B's pod nor the API server; the
 //!    aggregator reaches neither the API server nor a trainer; the operator reaches the API server and
 //!    not the kubelet; then the study completes;
-//! 4. with hospital A's `caduceus-trainer` NetworkPolicy deleted, the next study's round fails: the
+//! 4. the pods' spans reach Jaeger (a host process on the node's bridge address) through the egress
+//!    that `networkPolicy.tracing` opens: the round's trainers of both hospitals, the aggregator and the
+//!    operator are in its query API;
+//! 5. with hospital A's `caduceus-trainer` NetworkPolicy deleted, the next study's round fails: the
 //!    policies are what lets a study work.
 //!
 //! On `localnode` (the default cluster of `make e2e`) this test has nothing to check and says so; with
@@ -20,7 +23,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -213,6 +216,47 @@ impl Drop for Listener {
     }
 }
 
+/// A child process killed when the test ends (also when it panics).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn get_json(port: u16, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    (head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200")).then_some(())?;
+    serde_json::from_str(body).ok()
+}
+
+/// The values of span tag `key` in the traces of `service` that Jaeger's query API holds.
+fn tag_values(query: u16, service: &str, key: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let Some(v) = get_json(query, &format!("/api/traces?service={service}&limit=50")) else {
+        return out;
+    };
+    for t in v["data"].as_array().into_iter().flatten() {
+        for sp in t["spans"].as_array().into_iter().flatten() {
+            for tag in sp["tags"].as_array().into_iter().flatten() {
+                if tag["key"].as_str() == Some(key)
+                    && let Some(val) = tag["value"].as_str()
+                {
+                    out.insert(val.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
 struct Running {
     name: String,
     ip: String,
@@ -365,6 +409,35 @@ async fn chart_on_the_real_node_confines_every_pod() {
     let h1 = TestNamespace::create(&client, "e2e-node-h1").await;
     let release = unique("node");
 
+    // Jaeger on the host: OTLP on the node's bridge address (the pods' egress goes there), the query API
+    // on loopback.
+    let jaeger = std::env::var_os("CADUCEUS_JAEGER")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(run(&mut Command::new(repo_root().join("e2e/jaeger/build.sh"))).trim())
+        });
+    let (otlp, query) = (common::free_port(), common::free_port());
+    let _jaeger = Killed(
+        Command::new(jaeger)
+            .arg("--config")
+            .arg(format!(
+                "file:{}",
+                repo_root().join("e2e/jaeger/config.yaml").display()
+            ))
+            .env("JAEGER_OTLP_GRPC", format!("{gw}:{otlp}"))
+            .env("JAEGER_QUERY_HTTP", format!("127.0.0.1:{query}"))
+            .env("JAEGER_QUERY_GRPC", format!("127.0.0.1:{}", common::free_port()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting jaeger"),
+    );
+    wait_for("Jaeger's query API", Duration::from_secs(60), || async {
+        get_json(query, "/api/services")
+    })
+    .await;
+
     // 1. Install from the images imported into the node's containerd (never pulled).
     let t0 = Instant::now();
     let out = helm(&[
@@ -387,6 +460,12 @@ async fn chart_on_the_real_node_confines_every_pod() {
         &format!("networkPolicy.apiServer.ports={{{api_port}}}"),
         "--set",
         &format!("networkPolicy.dns.cidrs={{{gw}/32}}"),
+        "--set",
+        &format!("tracing.otlpEndpoint=http://{gw}:{otlp}"),
+        "--set-json",
+        &format!(r#"networkPolicy.tracing.to=[{{"ipBlock":{{"cidr":"{gw}/32"}}}}]"#),
+        "--set",
+        &format!("networkPolicy.tracing.ports={{{otlp}}}"),
         "--set",
         "logJson=false",
         "--wait",
@@ -504,7 +583,26 @@ async fn chart_on_the_real_node_confines_every_pod() {
     let (reason, msg) = study_end(&client, &sns.name, "faces", Duration::from_secs(600)).await;
     assert_eq!(reason, "Completed", "{msg}");
 
-    // 4. Without hospital A's trainer policy its trainer reaches nothing (the namespace's default
+    // 4. The spans of the round's pods left them through the chart's tracing egress.
+    let hospitals_traced = wait_for(
+        "both hospitals' trainer spans in Jaeger",
+        Duration::from_secs(60),
+        || async {
+            let h = tag_values(query, "caduceus-trainer", "caduceus.hospital");
+            (h.len() >= 2).then_some(h)
+        },
+    )
+    .await;
+    eprintln!("node test: trainer spans in Jaeger from {hospitals_traced:?}");
+    for service in ["caduceus-aggregator", "caduceus-operator"] {
+        let studies = tag_values(query, service, "caduceus.study");
+        assert!(
+            !studies.is_empty(),
+            "no span of {service} with a caduceus.study tag in Jaeger"
+        );
+    }
+
+    // 5. Without hospital A's trainer policy its trainer reaches nothing (the namespace's default
     //    deny), and the next study's round fails.
     kubectl_ok(&["delete", "networkpolicy", "caduceus-trainer", "-n", &h0.name]);
     apply(&study_on_node(&sns.name, "blocked", &network, 40));

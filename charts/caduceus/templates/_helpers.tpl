@@ -111,6 +111,9 @@ namespaces, and with role coordinator the sites namespace of the hospitals' mirr
 {{- fail "namespaces.hospitals is empty: list the namespaces of your HospitalClients (e.g. --set 'namespaces.hospitals={hospital-st-mary,hospital-riverside}'); the operator gets Roles and watches Jobs, Secrets and Pods only in the namespaces listed, and they must exist before the install" }}
 {{- end }}
 {{- end }}
+{{- if and .Values.networkPolicy.enabled (ne (toString .Values.tracing.otlpEndpoint) "") (empty .Values.networkPolicy.tracing.to) }}
+{{- fail "networkPolicy.tracing.to is empty: with tracing.otlpEndpoint and networkPolicy.enabled the operator, aggregators and trainers export spans to the collector, which the chart's policies otherwise block; list it as NetworkPolicy peers, e.g. --set-json 'networkPolicy.tracing.to=[{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":\"observability\"}}}]', or set networkPolicy.enabled=false" }}
+{{- end }}
 {{- if and .Values.networkPolicy.enabled (empty .Values.networkPolicy.apiServer.cidrs) }}
 {{- fail "networkPolicy.apiServer.cidrs is empty: with networkPolicy.enabled the operator may reach only the API server's endpoints; list their addresses as CIDRs (kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes), e.g. --set 'networkPolicy.apiServer.cidrs={10.0.0.10/32}', or set networkPolicy.enabled=false" }}
 {{- end }}

@@ -331,8 +331,17 @@ def main():
         def is_dns(rule):
             return rule.get("ports") == dns_ports
 
+        # With tracing on, every policy with egress (operator, aggregators, trainers) also reaches the collector.
+        otlp = None
+        if str(values.get("tracing", {}).get("otlpEndpoint") or ""):
+            otlp = {"to": np["tracing"]["to"], "ports": [{"protocol": "TCP", "port": x} for x in np["tracing"]["ports"]]}
+            if not otlp["to"]:
+                err("tracing.otlpEndpoint is set but networkPolicy.tracing.to is empty")
+
         def check_egress(where, p, want_other):
             """Every egress rule names its peers; DNS goes to the DNS pods only; want_other: the non-DNS rules."""
+            if otlp is not None:
+                want_other = want_other + [otlp]
             rules = p["spec"].get("egress")
             if "Egress" not in p["spec"].get("policyTypes", []):
                 err(f"{where}: Egress not in policyTypes")
