@@ -31,8 +31,8 @@ use std::time::Duration;
 use caduceus_crds::conditions::{ConditionExt, types};
 use caduceus_crds::{FederatedStudy, HospitalClient, TrainingRound};
 use common::{
-    TestNamespace, apply, client, cluster_dir, consent, free_port, hospital, http_get, kubeconfig, kubectl,
-    kubectl_ok, make_shards, repo_root, run, study_yaml, unique, wait_for,
+    TestNamespace, apply, client, cluster_dir, consent, free_port, helm, helm_path, hospital, http_get,
+    kubeconfig, kubectl, kubectl_ok, make_shards, repo_root, run, study_yaml, unique, wait_for,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -45,22 +45,8 @@ const CRDS: [&str; 3] = [
     "trainingrounds.fl.caduceus.dev",
 ];
 
-fn helm_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("CADUCEUS_HELM").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let out = run(&mut Command::new(repo_root().join("tools/helm/build.sh")));
-    PathBuf::from(out.trim())
-}
-
 fn chart() -> PathBuf {
     repo_root().join("charts/caduceus")
-}
-
-fn helm(args: &[&str]) -> String {
-    run(Command::new(helm_path())
-        .env("KUBECONFIG", kubeconfig())
-        .args(args))
 }
 
 /// Renders the chart and has the API server validate every object (nothing is created).

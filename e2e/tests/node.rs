@@ -25,14 +25,14 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use caduceus_crds::conditions::{ConditionExt, types};
 use caduceus_crds::{FederatedStudy, TrainingRound};
 use common::{
-    TestNamespace, apply, client, cluster_dir, consent, install_crds, kubectl_ok, make_shards, repo_root,
-    run, study_yaml, unique, wait_for,
+    Killed, TestNamespace, apply, client, cluster_dir, consent, get_json, helm, install_crds, kubectl_ok,
+    make_shards, repo_root, run, start_jaeger, study_yaml, unique, wait_for,
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
@@ -72,18 +72,6 @@ fn real_node() -> bool {
     );
     eprintln!("node test: nothing to check on the {kind} node (run `make e2e-node` for the real node)");
     false
-}
-
-fn helm(args: &[&str]) -> String {
-    let helm = std::env::var_os("CADUCEUS_HELM")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(run(&mut Command::new(repo_root().join("tools/helm/build.sh"))).trim())
-        });
-    run(Command::new(helm)
-        .env("KUBECONFIG", common::kubeconfig())
-        .args(args))
 }
 
 /// The host PID of a container's first process (the one that is PID 1 in its PID namespace), found by
@@ -192,49 +180,17 @@ fn connects(pid: i32, ip: &str, port: u16) -> bool {
 
 /// A TCP listener on `port` in the network namespace of `pid` (a host process, in the pod's network
 /// only), so that a refused connection is told apart from one that a policy drops.
-struct Listener(Child);
-
-impl Listener {
-    fn start(pid: i32, port: u16) -> Self {
-        let child = Command::new("nsenter")
-            .args(["-t", &pid.to_string(), "-n", "python3", "-c"])
-            .arg(format!(
-                "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-                 s.bind(('0.0.0.0',{port}))\ns.listen(16)\nwhile True:\n    c,_=s.accept()\n    c.close()\n"
-            ))
-            .spawn()
-            .expect("starting a listener");
-        std::thread::sleep(Duration::from_millis(500));
-        Listener(child)
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A child process killed when the test ends (also when it panics).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn get_json(port: u16, path: &str) -> Option<serde_json::Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    (head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200")).then_some(())?;
-    serde_json::from_str(body).ok()
+fn listen_in(pid: i32, port: u16) -> Killed {
+    let child = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "python3", "-c"])
+        .arg(format!(
+            "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             s.bind(('0.0.0.0',{port}))\ns.listen(16)\nwhile True:\n    c,_=s.accept()\n    c.close()\n"
+        ))
+        .spawn()
+        .expect("starting a listener");
+    std::thread::sleep(Duration::from_millis(500));
+    Killed(child)
 }
 
 /// The values of span tag `key` in the traces of `service` that Jaeger's query API holds.
@@ -411,32 +367,8 @@ async fn chart_on_the_real_node_confines_every_pod() {
 
     // Jaeger on the host: OTLP on the node's bridge address (the pods' egress goes there), the query API
     // on loopback.
-    let jaeger = std::env::var_os("CADUCEUS_JAEGER")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(run(&mut Command::new(repo_root().join("e2e/jaeger/build.sh"))).trim())
-        });
     let (otlp, query) = (common::free_port(), common::free_port());
-    let _jaeger = Killed(
-        Command::new(jaeger)
-            .arg("--config")
-            .arg(format!(
-                "file:{}",
-                repo_root().join("e2e/jaeger/config.yaml").display()
-            ))
-            .env("JAEGER_OTLP_GRPC", format!("{gw}:{otlp}"))
-            .env("JAEGER_QUERY_HTTP", format!("127.0.0.1:{query}"))
-            .env("JAEGER_QUERY_GRPC", format!("127.0.0.1:{}", common::free_port()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting jaeger"),
-    );
-    wait_for("Jaeger's query API", Duration::from_secs(60), || async {
-        get_json(query, "/api/services")
-    })
-    .await;
+    let _jaeger = start_jaeger(&format!("{gw}:{otlp}"), query, None).await;
 
     // 1. Install from the images imported into the node's containerd (never pulled).
     let t0 = Instant::now();
@@ -544,7 +476,7 @@ async fn chart_on_the_real_node_confines_every_pod() {
         assert_confined("hospital A's trainer", a.pid, false);
         assert_confined("hospital B's trainer", b.pid, false);
         assert_confined("the aggregator", agg.pid, false);
-        let _listener = Listener::start(b.pid, 8080);
+        let _listener = listen_in(b.pid, 8080);
         assert!(
             connects(b.pid, &b.ip, 8080),
             "the probe listener in B's pod does not answer"

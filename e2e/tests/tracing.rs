@@ -11,59 +11,17 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use caduceus_crds::conditions::{ConditionExt, types};
 use caduceus_crds::{FederatedStudy, TrainingRound};
 use common::{
-    TestNamespace, apply, bin_dir, client, consent, free_port, hospital, install_crds, kubeconfig,
-    make_shards, repo_root, study_yaml, unique, wait_for,
+    Killed, TestNamespace, apply, bin_dir, client, consent, free_port, get_json, hospital, install_crds,
+    kubeconfig, make_shards, start_jaeger, study_yaml, unique, wait_for,
 };
 use kube::Api;
 use serde_json::Value;
-
-/// A child process killed when the test ends (also when it panics).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The Jaeger binary: `$CADUCEUS_JAEGER` (the Makefile's e2e target sets it), or built (once, cached) by
-/// `e2e/jaeger/build.sh`.
-fn jaeger_path() -> PathBuf {
-    if let Some(j) = std::env::var_os("CADUCEUS_JAEGER").filter(|v| !v.is_empty()) {
-        return PathBuf::from(j);
-    }
-    let out = Command::new(repo_root().join("e2e/jaeger/build.sh"))
-        .output()
-        .expect("running e2e/jaeger/build.sh");
-    assert!(
-        out.status.success(),
-        "e2e/jaeger/build.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-/// GET on loopback (HTTP/1.0); the JSON body of a 200 answer, else `None`.
-fn get_json(port: u16, path: &str) -> Option<Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    if !(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200")) {
-        return None;
-    }
-    serde_json::from_str(body).ok()
-}
 
 /// One span of a Jaeger trace: its service, operation and tags (values as text).
 #[derive(Debug)]
@@ -130,25 +88,11 @@ async fn one_round_is_one_trace_in_jaeger() {
 
     // Jaeger, every port on loopback and free (e2e/jaeger/config.yaml).
     let (otlp, query) = (free_port(), free_port());
-    let jaeger_log = std::fs::File::create(work.path().join("jaeger.log")).unwrap();
-    let _jaeger = Killed(
-        Command::new(jaeger_path())
-            .arg("--config")
-            .arg(format!(
-                "file:{}",
-                repo_root().join("e2e/jaeger/config.yaml").display()
-            ))
-            .env("JAEGER_OTLP_GRPC", format!("127.0.0.1:{otlp}"))
-            .env("JAEGER_QUERY_HTTP", format!("127.0.0.1:{query}"))
-            .env("JAEGER_QUERY_GRPC", format!("127.0.0.1:{}", free_port()))
-            .stdout(Stdio::from(jaeger_log.try_clone().unwrap()))
-            .stderr(Stdio::from(jaeger_log))
-            .spawn()
-            .expect("starting jaeger"),
-    );
-    wait_for("Jaeger's query API", Duration::from_secs(60), || async {
-        get_json(query, "/api/services")
-    })
+    let _jaeger = start_jaeger(
+        &format!("127.0.0.1:{otlp}"),
+        query,
+        Some(&work.path().join("jaeger.log")),
+    )
     .await;
 
     make_shards(work.path(), 2);

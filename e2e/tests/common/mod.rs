@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, ServiceAccount};
@@ -445,4 +445,82 @@ pub async fn consent(client: &Client, study_ns: &str, study: &str, hospitals: &[
         .expect("patching consentedStudies");
     }
     hash
+}
+
+/// A child process killed when the test ends (also when it panics).
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET on loopback (HTTP/1.0); the JSON body of a 200 answer, else `None`.
+pub fn get_json(port: u16, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    if !(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200")) {
+        return None;
+    }
+    serde_json::from_str(body).ok()
+}
+
+/// A tool the tests build from a Go module: `$var` (the Makefile sets it), or the path that `script`
+/// (a build cached by version) prints.
+pub fn tool_path(var: &str, script: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(run(&mut Command::new(repo_root().join(script))).trim())
+}
+
+/// The Helm CLI (`$CADUCEUS_HELM`, or `tools/helm/build.sh`).
+pub fn helm_path() -> PathBuf {
+    tool_path("CADUCEUS_HELM", "tools/helm/build.sh")
+}
+
+/// `helm` against the test cluster; its stdout, failing the test when it fails.
+pub fn helm(args: &[&str]) -> String {
+    run(Command::new(helm_path())
+        .env("KUBECONFIG", kubeconfig())
+        .args(args))
+}
+
+/// Jaeger all-in-one (`e2e/jaeger/config.yaml`, in-memory storage; `$CADUCEUS_JAEGER` or
+/// `e2e/jaeger/build.sh`) receiving OTLP/gRPC on `otlp_addr`, its query API on 127.0.0.1:`query`,
+/// logging to `log` (or nowhere); returns once the query API answers.
+pub async fn start_jaeger(otlp_addr: &str, query: u16, log: Option<&Path>) -> Killed {
+    let (out, err) = match log {
+        Some(l) => {
+            let f = std::fs::File::create(l).expect("creating Jaeger's log");
+            (Stdio::from(f.try_clone().unwrap()), Stdio::from(f))
+        }
+        None => (Stdio::null(), Stdio::null()),
+    };
+    let jaeger = Killed(
+        Command::new(tool_path("CADUCEUS_JAEGER", "e2e/jaeger/build.sh"))
+            .arg("--config")
+            .arg(format!(
+                "file:{}",
+                repo_root().join("e2e/jaeger/config.yaml").display()
+            ))
+            .env("JAEGER_OTLP_GRPC", otlp_addr)
+            .env("JAEGER_QUERY_HTTP", format!("127.0.0.1:{query}"))
+            .env("JAEGER_QUERY_GRPC", format!("127.0.0.1:{}", free_port()))
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("starting jaeger"),
+    );
+    wait_for("Jaeger's query API", Duration::from_secs(60), || async {
+        get_json(query, "/api/services")
+    })
+    .await;
+    jaeger
 }
